@@ -1,0 +1,422 @@
+"""Every configuration dataclass of icrt, parsed from the command line with tyro.
+
+Field names follow ICRT's ``args.py`` so its documented command lines run unchanged
+(``--dataset-cfg.dataset-json``, ``--model-cfg.policy-cfg.scratch-llama-config``, ...).
+The comment above each field is its ``-h`` help text. ``__post_init__`` only validates and
+names the offending flag; derived values are properties.
+
+    cfg = parse_config(sys.argv[1:])   # honours --load-config FILE, then the flags
+    save_config(cfg, run_dir / "config.json")
+    cfg2 = load_config(run_dir / "config.json")  # == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import tyro
+
+from icrt.errors import UserError
+
+Norm = Literal["mean_std", "min_max", "q01_q99", "none"]
+
+
+def _positive(value: float, flag: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{flag} must be {bound} (got {value}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    # Dataset JSON listing the episode stores, observation/action keys and train split.
+    dataset_json: str = "data/mw5.json"
+    # Group episodes by task so that prompt and query trajectories share a task.
+    sort_by_lang: bool = True
+    # Keep every training sequence inside one task (no window spans two tasks).
+    task_barrier: bool = True
+    # Standard deviation of Gaussian noise added to low-dim observations (raw units).
+    proprio_noise: float = 0.005
+    # Standard deviation of Gaussian noise added to input actions (raw units).
+    action_noise: float = 0.0
+    # Train on these tasks only (names as stored in the episode stores).
+    task_names: Optional[tuple[str, ...]] = None
+    # Brightness/contrast augmentation of camera images during training.
+    vision_aug: bool = True
+    # Resample every task to the median number of episodes per task, each epoch.
+    rebalance_tasks: bool = True
+    # Stride between sequence start points: an int k uses every k-th start, True uses
+    # seq-length (each step appears once per epoch), False uses every start.
+    non_overlapping: Union[bool, int] = False
+    # Each trajectory is repeated 1..N times in a row (teaches copying from the prompt).
+    num_repeat_traj: int = 1
+    # Swap neighbouring trajectories with probability 0.5 after repeating.
+    shuffle_repeat_traj: bool = True
+    # First N steps of each query trajectory get --model-cfg.policy-cfg.step-weight
+    # (N < 1 is a fraction of the trajectory).
+    num_weighted_steps: float = 30
+    # Use this fraction of each task's episodes (ablations).
+    dataset_fraction: float = 1.0
+    # Normalisation of low-dim observations with the store's statistics.
+    proprio_norm: Norm = "mean_std"
+    # Normalisation of actions with the store's statistics (min_max maps to [-1, 1]).
+    action_norm: Norm = "min_max"
+
+    def __post_init__(self) -> None:
+        p = "--dataset-cfg."
+        if not isinstance(self.non_overlapping, bool):
+            _positive(self.non_overlapping, p + "non-overlapping", allow_zero=True)
+        if self.num_repeat_traj < 1:
+            raise ValueError(f"{p}num-repeat-traj must be >= 1 (got {self.num_repeat_traj}).")
+        if not 0.0 < self.dataset_fraction <= 1.0:
+            raise ValueError(f"{p}dataset-fraction must be in (0, 1] (got {self.dataset_fraction}).")
+        _positive(self.proprio_noise, p + "proprio-noise", allow_zero=True)
+        _positive(self.action_noise, p + "action-noise", allow_zero=True)
+        _positive(self.num_weighted_steps, p + "num-weighted-steps", allow_zero=True)
+        if self.task_names is not None and len(self.task_names) == 0:
+            raise ValueError(f"{p}task-names needs at least one task name.")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionEncoderConfig:
+    # timm model name (e.g. vit_base_patch16_224.mae) or a local checkpoint file.
+    vision_encoder: str = "vit_base_patch16_224.mae"
+    # Start from random weights instead of pretrained ones (no download, no file needed).
+    vision_nonpretrained: bool = False
+    # Train every encoder weight.
+    vision_unfreeze_all: bool = False
+    # Train LoRA adapters (peft) inside the encoder's attention layers.
+    vision_lora: bool = False
+    # Rank of the encoder's LoRA adapters.
+    vision_lora_rank: int = 8
+    # Train the last N transformer blocks of the encoder.
+    vision_unfreeze_last_n: int = 0
+    # Resize camera images to this side length before the encoder (default: the encoder's).
+    vision_image_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        p = "--model-cfg.vision-encoder-cfg."
+        _positive(self.vision_lora_rank, p + "vision-lora-rank")
+        _positive(self.vision_unfreeze_last_n, p + "vision-unfreeze-last-n", allow_zero=True)
+        if self.vision_image_size is not None:
+            _positive(self.vision_image_size, p + "vision-image-size")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    # Backbone shape as a Llama params.json file (dim, n_layers, n_heads, ...), trained from
+    # scratch. Takes precedence over --model-cfg.policy-cfg.llama-ckpt-dir.
+    scratch_llama_config: Optional[str] = "config/model_config/small.json"
+    # Directory of a pretrained Llama checkpoint (params.json + consolidated.*.pth),
+    # fine-tuned with LoRA; used when no scratch config is given.
+    llama_ckpt_dir: Optional[str] = None
+    # pretrain: train every backbone weight; finetune: train LoRA/bias/norm only.
+    phase: Literal["pretrain", "finetune"] = "pretrain"
+    # Checkpoint (directory or model.safetensors) whose weights initialise the policy.
+    pretrained_path: Optional[str] = None
+    # Rank of the backbone's LoRA adapters (pretrained Llama, finetune phase).
+    lora_rank: int = 4
+    # Backbone layers that get LoRA adapters (default: all).
+    lora_layer_idxs: Optional[tuple[int, ...]] = None
+    # Attention heads of the per-camera attention-pooling adapter.
+    adapter_num_heads: int = 8
+    # MLP ratio of the attention-pooling adapter.
+    adapter_mlp_ratio: float = 4.0
+    # One attention-pooling adapter per camera (else one shared adapter).
+    separate_camera_adapter: bool = True
+    # Add a learned embedding per camera to the vision features.
+    camera_pos_emb: bool = False
+    # Add learned state/action modality embeddings to the tokens.
+    modality_pos_emb: bool = False
+    # Build state tokens from images only (ignore low-dim observations).
+    remove_proprio: bool = False
+    # Put no loss on prompt steps (only the query trajectory is supervised).
+    no_prompt_loss: bool = False
+    # Weight of the action loss.
+    loss_w_action: float = 1.0
+    # Multiplier of the total loss.
+    scale_loss: float = 1.0
+    # Loss weight of the first --dataset-cfg.num-weighted-steps steps of each trajectory.
+    step_weight: float = 1.0
+    # Action head: mlp (L1/L2 regression), gmm (mixture), diffusion (DDPM/DDIM), flow.
+    decoder_pred_head: Literal["mlp", "gmm", "diffusion", "flow"] = "mlp"
+    # Hidden width of the action head.
+    head_hidden_dim: int = 256
+    # Hidden layers of the action head.
+    head_num_layers: int = 2
+    # Regression loss of the mlp head.
+    mlp_loss: Literal["l1", "l2"] = "l1"
+    # Mixture components of the gmm head.
+    gmm_num_components: int = 5
+    # Diffusion steps used in training (the noise schedule's length).
+    num_train_diffusion_steps: int = 100
+    # Denoising steps used when sampling (<= train steps).
+    num_inference_diffusion_steps: int = 10
+    # Noise schedule of the diffusion head.
+    diffusion_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = (
+        "squaredcos_cap_v2"
+    )
+    # What the diffusion network predicts.
+    diffusion_prediction_type: Literal["epsilon", "sample"] = "epsilon"
+    # Sampler of the diffusion head.
+    diffusion_sampler: Literal["ddpm", "ddim"] = "ddim"
+    # ODE solver of the flow head (dopri5 is adaptive).
+    flow_solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "midpoint"
+    # Integration steps of the flow head's fixed-step solvers.
+    flow_num_steps: int = 10
+    # Absolute and relative tolerance of the adaptive dopri5 solver.
+    flow_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        p = "--model-cfg.policy-cfg."
+        if self.scratch_llama_config is None and self.llama_ckpt_dir is None:
+            raise ValueError(
+                f"Give {p}scratch-llama-config (a params.json) or {p}llama-ckpt-dir."
+            )
+        for name in ("lora_rank", "adapter_num_heads", "head_hidden_dim", "gmm_num_components",
+                     "num_train_diffusion_steps", "num_inference_diffusion_steps",
+                     "flow_num_steps"):
+            _positive(getattr(self, name), p + name.replace("_", "-"))
+        _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
+        _positive(self.flow_tolerance, p + "flow-tolerance")
+        if self.num_inference_diffusion_steps > self.num_train_diffusion_steps:
+            raise ValueError(
+                f"{p}num-inference-diffusion-steps ({self.num_inference_diffusion_steps}) must "
+                f"not exceed {p}num-train-diffusion-steps ({self.num_train_diffusion_steps})."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # Policy: backbone, tokenisers and action head.
+    policy_cfg: PolicyConfig = PolicyConfig()
+    # Camera encoder (used when the dataset has image keys).
+    vision_encoder_cfg: VisionEncoderConfig = VisionEncoderConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    # AdamW weight decay (norms, biases and embeddings get none).
+    weight_decay: float = 0.01
+    # Absolute learning rate; pass None to use --optimizer-cfg.blr instead.
+    lr: Optional[float] = 5e-4
+    # Base learning rate: lr = blr * effective batch size / 256 (when lr is None).
+    blr: float = 1e-3
+    # Floor of the cosine schedule.
+    min_lr: float = 0.0
+    # Linear warm-up length in (fractional) epochs.
+    warmup_epochs: float = 40
+    # AdamW betas.
+    betas: tuple[float, float] = (0.9, 0.95)
+    # Clip the global gradient norm to this value (None: no clipping).
+    clip_grad: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        p = "--optimizer-cfg."
+        if self.lr is not None:
+            _positive(self.lr, p + "lr")
+        _positive(self.blr, p + "blr")
+        _positive(self.min_lr, p + "min-lr", allow_zero=True)
+        _positive(self.warmup_epochs, p + "warmup-epochs", allow_zero=True)
+        _positive(self.weight_decay, p + "weight-decay", allow_zero=True)
+        if self.clip_grad is not None:
+            _positive(self.clip_grad, p + "clip-grad")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    # Number of training epochs.
+    epochs: int = 400
+    # Accumulate gradients over this many batches per optimizer step.
+    accum_iter: int = 8
+    # Pin host memory in the data loader (CUDA only).
+    pin_memory: bool = True
+    # Data-loader worker processes per rank.
+    num_workers: int = 2
+    # Numeric precision: full fp32, fp16 autocast with loss scaling, or bf16 autocast.
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    # Wrap the model in torch.compile.
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        p = "--trainer-cfg."
+        _positive(self.epochs, p + "epochs")
+        _positive(self.accum_iter, p + "accum-iter")
+        _positive(self.num_workers, p + "num-workers", allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedConfig:
+    # Sequences per rank per step (effective batch = batch-size * accum-iter * ranks).
+    batch_size: int = 1
+    # Represent rotations of keys that declare one as 6D (two rotation-matrix rows).
+    rot_6d: bool = True
+    # Timesteps per training sequence (prompt + query); tokens = 2 * seq-length.
+    seq_length: int = 512
+    # Base random seed (each rank adds its rank).
+    seed: int = 0
+    # Save a checkpoint every N epochs (and always after the last).
+    save_every: int = 5
+    # Resume from this checkpoint directory, or from a run directory's latest checkpoint.
+    resume: Optional[str] = None
+    # Actions predicted per state token (the action chunk length).
+    num_pred_steps: int = 16
+    # Predict actions relative to the current pose (needs an action key that declares its
+    # pose reference; see docs/data.md).
+    use_delta_action: bool = False
+
+    def __post_init__(self) -> None:
+        p = "--shared-cfg."
+        _positive(self.batch_size, p + "batch-size")
+        _positive(self.seq_length, p + "seq-length")
+        _positive(self.save_every, p + "save-every")
+        _positive(self.num_pred_steps, p + "num-pred-steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    # Directory for runs; a run lives in OUTPUT_DIR/LOG_NAME (or OUTPUT_DIR without a name).
+    output_dir: str = "./output"
+    # TensorBoard directory (default: the run directory's tensorboard/).
+    log_dir: Optional[str] = None
+    # Run name: the run directory's name and the wandb run name.
+    log_name: Optional[str] = None
+    # Log to Weights & Biases when a log name is given and wandb is installed.
+    wandb: bool = True
+    # wandb project.
+    wandb_project: str = "icrt"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.log_name if self.log_name else Path(self.output_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    # Dataset configuration.
+    dataset_cfg: DatasetConfig = DatasetConfig()
+    # Model configuration.
+    model_cfg: ModelConfig = ModelConfig()
+    # Optimizer configuration.
+    optimizer_cfg: OptimizerConfig = OptimizerConfig()
+    # Shared configuration (sequence shape, batch, seed, checkpoints).
+    shared_cfg: SharedConfig = SharedConfig()
+    # Logging configuration.
+    logging_cfg: LoggingConfig = LoggingConfig()
+    # Trainer configuration.
+    trainer_cfg: TrainerConfig = TrainerConfig()
+    # Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
+    device: str = "auto"
+    # Start from this saved config file (JSON); flags given as well override it.
+    load_config: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Turn a JSON value back into the Python type ``tp`` of a config field."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return config_from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            if arg is bool and not isinstance(value, bool):
+                continue
+            if arg in (int, float) and isinstance(value, bool):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{where}: {value!r} does not fit {tp}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}.")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where) for v in value)
+        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{where}: {value!r} is not one of {typing.get_args(tp)}.")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}.")
+    return value
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Rebuild a (nested) config dataclass from :func:`config_to_dict` output."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}.")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write a config as indented JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_config(path: str | os.PathLike, cls: type = ExperimentConfig) -> Any:
+    """Read a config written by :func:`save_config` (a run's ``config.json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file '{path}' does not exist.")
+    try:
+        data = json.loads(path.read_text())
+        return config_from_dict(cls, data)
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
+        raise UserError(f"Config file '{path}' is not a valid {cls.__name__}: {e}") from None
+
+
+def _find_load_config(args: Sequence[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--load-config" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--load-config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def parse_config(
+    args: Sequence[str] | None = None, cls: type = ExperimentConfig, description: str | None = None
+) -> Any:
+    """Parse flags into ``cls``; ``--load-config FILE`` supplies the defaults flags override."""
+    args = list(args) if args is not None else None
+    import sys
+
+    argv = args if args is not None else sys.argv[1:]
+    default = None
+    path = _find_load_config(argv)
+    if path is not None and path != "None":
+        default = dataclasses.replace(load_config(path, cls), load_config=path)
+    return tyro.cli(cls, args=argv, default=default, description=description)

@@ -1,0 +1,109 @@
+"""The environment protocol every simulator adapter implements, and a registry by name.
+
+An adapter is created for one task and is reused across episodes:
+
+    env = make_env("metaworld", "reach-v3", image_size=64, cameras=("corner",))
+    obs = env.reset(seed=3)                    # dict of numpy arrays, keys as in the store
+    obs, reward, done, info = env.step(action) # info["success"] is the simulator's verdict
+    frame = env.render()                       # (H, W, 3) uint8 for videos
+    env.close()
+
+Observation keys match the episode-store keys written by ``scripts/collect.py``
+(``state``, ``proprio``, ``image_<camera>``), so a policy trained on a store can be fed the
+adapter's observations unchanged. Heavy simulator imports happen inside the adapters.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from icrt.errors import UserError
+
+
+class Env(Protocol):
+    """A single-task simulator episode runner."""
+
+    task: str
+    max_steps: int
+    action_dim: int
+
+    def reset(self, seed: int) -> dict[str, np.ndarray]: ...
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
+        """Apply one action; returns (obs, reward, done, info) with ``info["success"]`` a bool."""
+        ...
+
+    def render(self) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class Expert(Protocol):
+    """A scripted demonstrator for one task: maps the adapter's observation to an action."""
+
+    def reset(self, env: Env) -> None: ...
+
+    def act(self, env: Env, obs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+# name -> "module:function" building an Env; importing lazily keeps `import icrt` light.
+_REGISTRY: dict[str, str] = {
+    "metaworld": "icrt.envs.metaworld:make_metaworld_env",
+    "robosuite": "icrt.envs.robosuite:make_robosuite_env",
+}
+# name -> "module:function" listing the tasks an adapter knows.
+_TASK_LISTS: dict[str, str] = {
+    "metaworld": "icrt.envs.metaworld:metaworld_tasks",
+    "robosuite": "icrt.envs.robosuite:robosuite_tasks",
+}
+# name -> "module:function" building the scripted expert for a task.
+_EXPERTS: dict[str, str] = {
+    "metaworld": "icrt.envs.metaworld:make_metaworld_expert",
+    "robosuite": "icrt.envs.robosuite:make_robosuite_expert",
+}
+
+
+def _load(spec: str) -> Callable[..., Any]:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def env_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _check_env(name: str) -> None:
+    if name not in _REGISTRY:
+        raise UserError(f"Unknown environment '{name}'; choose one of {', '.join(env_names())}.")
+
+
+def available_tasks(env: str) -> list[str]:
+    _check_env(env)
+    return list(_load(_TASK_LISTS[env])())
+
+
+def check_tasks(env: str, tasks: Sequence[str]) -> None:
+    """Raise a UserError naming the first task the adapter does not know."""
+    if not tasks:
+        raise UserError(f"No tasks given for environment '{env}'; pass --tasks NAME [NAME ...].")
+    known = available_tasks(env)
+    for t in tasks:
+        if t not in known:
+            raise UserError(
+                f"Unknown {env} task '{t}'; known tasks include {', '.join(known[:8])}, ..."
+            )
+
+
+def make_env(env: str, task: str, **kwargs: Any) -> Env:
+    """Build the adapter for ``task`` of simulator ``env`` (kwargs: image_size, cameras, ...)."""
+    _check_env(env)
+    return _load(_REGISTRY[env])(task, **kwargs)
+
+
+def make_expert(env: str, task: str) -> Expert:
+    _check_env(env)
+    return _load(_EXPERTS[env])(task)

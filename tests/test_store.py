@@ -1,0 +1,209 @@
+"""Episode store: round trip, statistics, crash safety and errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from icrt.data.store import FORMAT, EpisodeStore, compute_stats
+from icrt.errors import UserError
+
+
+def _episode(i: int, length: int, image: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(i)
+    ep = {
+        "state": rng.normal(size=(length, 5)).astype(np.float32),
+        "action": rng.uniform(-1, 1, size=(length, 3)).astype(np.float32),
+    }
+    if image:
+        ep["image_cam"] = rng.integers(0, 255, size=(length, 8, 8, 3), dtype=np.uint8)
+    return ep
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = EpisodeStore.create(path, env={"name": "test"}, fps=10)
+    episodes = [_episode(i, 5 + i, image=True) for i in range(4)]
+    tasks = ["a", "b", "a", "c"]
+    for i, (ep, task) in enumerate(zip(episodes, tasks, strict=True)):
+        assert store.add_episode(ep, task=task, success=i != 2, source=i % 2) == i
+    store.close()
+
+    store = EpisodeStore.open(path)
+    assert store.num_episodes == 4
+    assert store.tasks == ["a", "b", "c"]
+    assert store.episode_task_names == tasks
+    assert store.episode_success.tolist() == [True, True, False, True]
+    assert store.episode_source.tolist() == [0, 1, 0, 1]
+    assert store.episode_lengths.tolist() == [5, 6, 7, 8]
+    assert store.num_steps == 26
+    assert store.fps == 10 and store.env == {"name": "test"}
+    assert store.key_info("image_cam") == {"kind": "image", "shape": [8, 8, 3], "dtype": "uint8"}
+    assert store.key_info("action")["kind"] == "action"
+    for i, ep in enumerate(episodes):
+        got = store.episode(i)
+        assert set(got) == set(ep)
+        for k in ep:
+            np.testing.assert_array_equal(got[k], ep[k])
+    part = store.episode_slice(2, 2, 5, keys=["state"])
+    np.testing.assert_array_equal(part["state"], episodes[2]["state"][2:5])
+
+
+def test_stats_on_write_and_on_demand(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = EpisodeStore.create(path)
+    eps = [_episode(i, 50) for i in range(3)]
+    for ep in eps:
+        store.add_episode(ep, task="t")
+    all_state = np.concatenate([e["state"] for e in eps])
+    # on demand, before close: computed from the data
+    s = store.stats("state")
+    np.testing.assert_allclose(s["mean"], all_state.mean(0), rtol=1e-5, atol=1e-6)
+    store.close()
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    assert set(attrs["stats"]) == {"state", "action"}
+    assert set(attrs["stats"]["state"]) == {"mean", "std", "min", "max", "q01", "q99"}
+    s = EpisodeStore.open(path).stats("state")
+    np.testing.assert_allclose(s["std"], all_state.std(0), rtol=1e-5)
+    np.testing.assert_allclose(s["min"], all_state.min(0))
+    np.testing.assert_allclose(s["max"], all_state.max(0))
+    np.testing.assert_allclose(s["q99"], np.quantile(all_state, 0.99, axis=0), rtol=1e-5)
+    assert np.all(s["q01"] <= s["q99"])
+
+    # appending makes stored stats stale; readers recompute instead of returning stale values
+    store = EpisodeStore.open(path, mode="a")
+    store.add_episode({k: v + 100 for k, v in _episode(9, 10).items()}, task="t")
+    s = EpisodeStore.open(path).stats("state")
+    assert s["max"].min() > 99
+
+
+def test_compute_stats_quantiles():
+    x = np.arange(1001, dtype=np.float64)[:, None]
+    s = compute_stats(x)
+    assert s["q01"] == [10.0] and s["q99"] == [990.0] and s["mean"] == [500.0]
+
+
+def test_append_mode_continues(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = EpisodeStore.create(path)
+    store.add_episode(_episode(0, 4), task="a")
+    store = EpisodeStore.open(path, mode="a")
+    store.add_episode(_episode(1, 6), task="b")
+    store = EpisodeStore.open(path)
+    assert store.num_episodes == 2 and store.tasks == ["a", "b"]
+    np.testing.assert_array_equal(store.episode(1)["state"], _episode(1, 6)["state"])
+
+
+def test_errors_name_store_and_key(tmp_path):
+    path = tmp_path / "s.zarr"
+    with pytest.raises(UserError, match="does not exist"):
+        EpisodeStore.open(path)
+    store = EpisodeStore.create(path)
+    store.add_episode(_episode(0, 4), task="a")
+    with pytest.raises(UserError, match=r"no key 'proprio'.*state"):
+        store.stats("proprio")
+    with pytest.raises(UserError, match="no key 'nope'"):
+        EpisodeStore.open(path).episode(0, keys=["nope"])
+    with pytest.raises(UserError, match="missing"):
+        store.add_episode({"state": np.zeros((3, 5), np.float32)}, task="a")
+    with pytest.raises(UserError, match="step shape"):
+        store.add_episode({"state": np.zeros((3, 4)), "action": np.zeros((3, 3))}, task="a")
+    with pytest.raises(UserError, match="different or zero lengths"):
+        store.add_episode({"state": np.zeros((3, 5)), "action": np.zeros((2, 3))}, task="a")
+    with pytest.raises(UserError, match="already exists"):
+        EpisodeStore.create(path)
+    with pytest.raises(UserError, match="read-only"):
+        EpisodeStore.open(path).add_episode(_episode(1, 3), task="a")
+
+    # a zarr group of another format, and a store of a newer version
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").attrs.update({"format": "replay_buffer"})
+    with pytest.raises(UserError, match=r"not an icrt episode store.*replay_buffer"):
+        EpisodeStore.open(other)
+    newer = tmp_path / "newer.zarr"
+    EpisodeStore.create(newer)
+    zarr.open_group(str(newer), mode="r+").attrs.update({"version": 99})
+    with pytest.raises(UserError, match=r"newer.zarr.*version 99"):
+        EpisodeStore.open(newer)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(UserError, match="plain"):
+        EpisodeStore.open(plain)
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from icrt.data.store import EpisodeStore
+    store = EpisodeStore.create(sys.argv[1])
+    i = 0
+    while True:
+        n = 30 + i % 7
+        ep = {
+            "state": np.full((n, 4), i, np.float32),
+            "action": np.full((n, 2), -i, np.float32),
+            "image_cam": np.full((n, 64, 64, 3), i % 250, np.uint8),
+        }
+        store.add_episode(ep, task=f"t{i % 3}", success=i % 2 == 0)
+        print(i, flush=True)
+        i += 1
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.9, 1.7])
+def test_writer_killed_mid_episode_leaves_completed_episodes(tmp_path, delay):
+    path = tmp_path / "crash.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    # wait until a few episodes are committed, then kill without warning
+    first = proc.stdout.readline()
+    assert first.strip() == "0"
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    printed = [int(x) for x in [first, *proc.stdout.read().split()] if str(x).strip()]
+
+    store = EpisodeStore.open(path)
+    n = store.num_episodes
+    # every episode it reported complete is there; at most the one in flight also committed
+    assert printed[-1] + 1 <= n <= printed[-1] + 2
+    for i in range(n):
+        ep = store.episode(i)
+        length = 30 + i % 7
+        assert len(ep["state"]) == length
+        assert np.all(ep["state"] == i) and np.all(ep["action"] == -i)
+        assert np.all(ep["image_cam"] == i % 250)
+    assert store.episode_task_names == [f"t{i % 3}" for i in range(n)]
+
+    # reopening for append rolls back the half-written rows and continues cleanly
+    store = EpisodeStore.open(path, mode="a")
+    ep = {
+        "state": np.full((3, 4), 7, np.float32),
+        "action": np.zeros((3, 2), np.float32),
+        "image_cam": np.zeros((3, 64, 64, 3), np.uint8),
+    }
+    store.add_episode(ep, task="new")
+    store = EpisodeStore.open(path)
+    assert store.num_episodes == n + 1
+    assert np.all(store.episode(n)["state"] == 7)
+    assert store.array("state").shape[0] == store.num_steps
+
+
+def test_attrs_are_json(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = EpisodeStore.create(path, env={"name": "x", "cameras": ["a"]}, fps=20)
+    store.add_episode(_episode(0, 4), task="a")
+    store.set_key_meta("state", rotation={"start": 1, "format": "quat_xyzw"})
+    store.close()
+    attrs = json.loads((path / "zarr.json").read_text())["attributes"]
+    assert attrs["format"] == FORMAT
+    assert attrs["keys"]["state"]["rotation"] == {"start": 1, "format": "quat_xyzw"}
