@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import tyro
 
@@ -47,14 +47,14 @@ class DatasetConfig:
     # Standard deviation of Gaussian noise added to input actions (raw units).
     action_noise: float = 0.0
     # Train on these tasks only (names as stored in the episode stores).
-    task_names: Optional[tuple[str, ...]] = None
+    task_names: tuple[str, ...] | None = None
     # Brightness/contrast augmentation of camera images during training.
     vision_aug: bool = True
     # Resample every task to the median number of episodes per task, each epoch.
     rebalance_tasks: bool = True
     # Stride between sequence start points: an int k uses every k-th start, True uses
     # seq-length (each step appears once per epoch), False uses every start.
-    non_overlapping: Union[bool, int] = False
+    non_overlapping: bool | int = False
     # Each trajectory is repeated 1..N times in a row (teaches copying from the prompt).
     num_repeat_traj: int = 1
     # Swap neighbouring trajectories with probability 0.5 after repeating.
@@ -76,7 +76,9 @@ class DatasetConfig:
         if self.num_repeat_traj < 1:
             raise ValueError(f"{p}num-repeat-traj must be >= 1 (got {self.num_repeat_traj}).")
         if not 0.0 < self.dataset_fraction <= 1.0:
-            raise ValueError(f"{p}dataset-fraction must be in (0, 1] (got {self.dataset_fraction}).")
+            raise ValueError(
+                f"{p}dataset-fraction must be in (0, 1] (got {self.dataset_fraction})."
+            )
         _positive(self.proprio_noise, p + "proprio-noise", allow_zero=True)
         _positive(self.action_noise, p + "action-noise", allow_zero=True)
         _positive(self.num_weighted_steps, p + "num-weighted-steps", allow_zero=True)
@@ -99,7 +101,7 @@ class VisionEncoderConfig:
     # Train the last N transformer blocks of the encoder.
     vision_unfreeze_last_n: int = 0
     # Resize camera images to this side length before the encoder (default: the encoder's).
-    vision_image_size: Optional[int] = None
+    vision_image_size: int | None = None
 
     def __post_init__(self) -> None:
         p = "--model-cfg.vision-encoder-cfg."
@@ -113,18 +115,18 @@ class VisionEncoderConfig:
 class PolicyConfig:
     # Backbone shape as a Llama params.json file (dim, n_layers, n_heads, ...), trained from
     # scratch. Takes precedence over --model-cfg.policy-cfg.llama-ckpt-dir.
-    scratch_llama_config: Optional[str] = "config/model_config/small.json"
+    scratch_llama_config: str | None = "config/model_config/small.json"
     # Directory of a pretrained Llama checkpoint (params.json + consolidated.*.pth),
     # fine-tuned with LoRA; used when no scratch config is given.
-    llama_ckpt_dir: Optional[str] = None
+    llama_ckpt_dir: str | None = None
     # pretrain: train every backbone weight; finetune: train LoRA/bias/norm only.
     phase: Literal["pretrain", "finetune"] = "pretrain"
     # Checkpoint (directory or model.safetensors) whose weights initialise the policy.
-    pretrained_path: Optional[str] = None
+    pretrained_path: str | None = None
     # Rank of the backbone's LoRA adapters (pretrained Llama, finetune phase).
     lora_rank: int = 4
     # Backbone layers that get LoRA adapters (default: all).
-    lora_layer_idxs: Optional[tuple[int, ...]] = None
+    lora_layer_idxs: tuple[int, ...] | None = None
     # Attention heads of the per-camera attention-pooling adapter.
     adapter_num_heads: int = 8
     # MLP ratio of the attention-pooling adapter.
@@ -206,7 +208,7 @@ class OptimizerConfig:
     # AdamW weight decay (norms, biases and embeddings get none).
     weight_decay: float = 0.01
     # Absolute learning rate; pass None to use --optimizer-cfg.blr instead.
-    lr: Optional[float] = 5e-4
+    lr: float | None = 5e-4
     # Base learning rate: lr = blr * effective batch size / 256 (when lr is None).
     blr: float = 1e-3
     # Floor of the cosine schedule.
@@ -216,7 +218,7 @@ class OptimizerConfig:
     # AdamW betas.
     betas: tuple[float, float] = (0.9, 0.95)
     # Clip the global gradient norm to this value (None: no clipping).
-    clip_grad: Optional[float] = 1.0
+    clip_grad: float | None = 1.0
 
     def __post_init__(self) -> None:
         p = "--optimizer-cfg."
@@ -265,7 +267,7 @@ class SharedConfig:
     # Save a checkpoint every N epochs (and always after the last).
     save_every: int = 5
     # Resume from this checkpoint directory, or from a run directory's latest checkpoint.
-    resume: Optional[str] = None
+    resume: str | None = None
     # Actions predicted per state token (the action chunk length).
     num_pred_steps: int = 16
     # Predict actions relative to the current pose (needs an action key that declares its
@@ -285,9 +287,9 @@ class LoggingConfig:
     # Directory for runs; a run lives in OUTPUT_DIR/LOG_NAME (or OUTPUT_DIR without a name).
     output_dir: str = "./output"
     # TensorBoard directory (default: the run directory's tensorboard/).
-    log_dir: Optional[str] = None
+    log_dir: str | None = None
     # Run name: the run directory's name and the wandb run name.
-    log_name: Optional[str] = None
+    log_name: str | None = None
     # Log to Weights & Biases when a log name is given and wandb is installed.
     wandb: bool = True
     # wandb project.
@@ -315,7 +317,7 @@ class ExperimentConfig:
     # Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"
     # Start from this saved config file (JSON); flags given as well override it.
-    load_config: Optional[str] = None
+    load_config: str | None = None
 
 
 # --------------------------------------------------------------------------- serialisation
@@ -420,3 +422,58 @@ def parse_config(
     if path is not None and path != "None":
         default = dataclasses.replace(load_config(path, cls), load_config=path)
     return tyro.cli(cls, args=argv, default=default, description=description)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectConfig:
+    """Roll scripted experts in a simulator and write an episode store plus its dataset JSON."""
+
+    # Simulator: metaworld or robosuite.
+    env: str = "metaworld"
+    # Tasks to collect (names as the simulator has them, e.g. reach-v3 or Lift).
+    tasks: tuple[str, ...] = (
+        "reach-v3",
+        "push-v3",
+        "pick-place-v3",
+        "drawer-open-v3",
+        "button-press-topdown-v3",
+    )
+    # Training episodes per task (successful ones, unless --keep-failures).
+    episodes_per_task: int = 20
+    # Extra held-out episodes per task written to NAME_prompts.zarr for prompting at evaluation.
+    prompt_episodes_per_task: int = 0
+    # Output store; the dataset JSON is written next to it as NAME.json.
+    out: str = "data/demos.zarr"
+    # Also keep failed episodes (flagged unsuccessful); without it failures are retried.
+    keep_failures: bool = False
+    # Render camera images of this side length (0: no images).
+    image_size: int = 0
+    # Cameras to render (default: the simulator's standard ones when --image-size is set).
+    cameras: tuple[str, ...] = ()
+    # Episode length limit (default: the simulator's).
+    max_steps: int | None = None
+    # Parallel simulator worker processes.
+    workers: int = 2
+    # Base seed; episode seeds derive from it, the task name and the episode index.
+    seed: int = 0
+    # Give up on a task after this many attempts per wanted episode.
+    max_attempts_per_episode: int = 3
+    # Fraction of each task's episodes the dataset JSON puts in the training split.
+    train_split: float = 0.9
+    # Replace existing output stores.
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("--tasks needs at least one task name.")
+        _positive(self.episodes_per_task, "--episodes-per-task")
+        _positive(self.prompt_episodes_per_task, "--prompt-episodes-per-task", allow_zero=True)
+        _positive(self.image_size, "--image-size", allow_zero=True)
+        _positive(self.workers, "--workers")
+        _positive(self.max_attempts_per_episode, "--max-attempts-per-episode")
+        if self.max_steps is not None:
+            _positive(self.max_steps, "--max-steps")
+        if not self.out.endswith(".zarr"):
+            raise ValueError(f"--out must end in .zarr (got {self.out}).")
+        if not 0.0 < self.train_split <= 1.0:
+            raise ValueError(f"--train-split must be in (0, 1] (got {self.train_split}).")

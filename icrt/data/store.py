@@ -9,6 +9,7 @@ Layout (diffusion_policy's replay buffer, extended with tasks and flags)::
       meta/episode_task      (E,) int32 index into attrs["tasks"]
       meta/episode_success   (E,) bool
       meta/episode_source    (E,) int8 (0 expert/human, 1 policy)
+      meta/episode_seed      (E,) int64 simulator seed of the episode (-1 if unknown)
       attrs                  format, version, num_episodes (the commit record), tasks, fps,
                              env description, per-key kind/shape/dtype/extra metadata, and
                              normalisation stats per key (mean, std, min, max, q01, q99)
@@ -48,6 +49,7 @@ _META = {
     "episode_task": np.int32,
     "episode_success": np.bool_,
     "episode_source": np.int8,
+    "episode_seed": np.int64,
 }
 # Rows per chunk for low-dim keys; image keys use ~4 MB chunks.
 _LOWDIM_CHUNK = 4096
@@ -114,7 +116,9 @@ class EpisodeStore:
         path = Path(path)
         if path.exists():
             if not overwrite:
-                raise UserError(f"Episode store '{path}' already exists; pass overwrite to replace.")
+                raise UserError(
+                    f"Episode store '{path}' already exists; pass overwrite to replace it."
+                )
             shutil.rmtree(path)
         root = zarr.open_group(str(path), mode="w")
         root.require_group("data")
@@ -225,6 +229,10 @@ class EpisodeStore:
     @property
     def episode_source(self) -> np.ndarray:
         return self._meta["episode_source"]
+
+    @property
+    def episode_seed(self) -> np.ndarray:
+        return self._meta["episode_seed"]
 
     @property
     def keys(self) -> list[str]:
@@ -374,6 +382,7 @@ class EpisodeStore:
         task: str,
         success: bool = True,
         source: int = 0,
+        seed: int = -1,
     ) -> int:
         """Append one whole episode (every key with the same length T >= 1); returns its index."""
         self._check_writable()
@@ -423,6 +432,7 @@ class EpisodeStore:
             "episode_task": tasks.index(task),
             "episode_success": bool(success),
             "episode_source": int(source),
+            "episode_seed": int(seed),
         }
         for name, value in row.items():
             arr = self._root["meta"][name]
@@ -437,7 +447,8 @@ class EpisodeStore:
 
     def close(self) -> None:
         """Finish writing: compute normalisation statistics. Reading stores need no close."""
-        if self._writable and self.num_steps and self._attrs.get("stats_num_steps") != self.num_steps:
+        stale = self._attrs.get("stats_num_steps") != self.num_steps
+        if self._writable and self.num_steps and stale:
             self.compute_stats()
 
     def __enter__(self) -> EpisodeStore:

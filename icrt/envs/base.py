@@ -66,6 +66,12 @@ _EXPERTS: dict[str, str] = {
     "robosuite": "icrt.envs.robosuite:make_robosuite_expert",
 }
 
+# Cameras rendered when images are asked for without naming cameras.
+_DEFAULT_CAMERAS: dict[str, tuple[str, ...]] = {
+    "metaworld": ("corner", "gripperPOV"),
+    "robosuite": ("agentview", "robot0_eye_in_hand"),
+}
+
 
 def _load(spec: str) -> Callable[..., Any]:
     module, name = spec.split(":")
@@ -104,6 +110,24 @@ def make_env(env: str, task: str, **kwargs: Any) -> Env:
     return _load(_REGISTRY[env])(task, **kwargs)
 
 
+def default_cameras(env: str) -> tuple[str, ...]:
+    _check_env(env)
+    return _DEFAULT_CAMERAS[env]
+
+
 def make_expert(env: str, task: str) -> Expert:
     _check_env(env)
     return _load(_EXPERTS[env])(task)
+
+
+# Episode seeds are drawn from separate streams per purpose, so demonstrations, held-out
+# prompts and evaluation episodes never share an initial state.
+SEED_STREAMS = {"train": 0, "prompt": 1, "eval": 2}
+
+
+def episode_seed(base_seed: int, stream: str, task: str, index: int) -> int:
+    """The simulator seed of episode ``index`` of ``task`` in a stream (train/prompt/eval)."""
+    import zlib
+
+    entropy = [int(base_seed), SEED_STREAMS[stream], zlib.crc32(task.encode()), int(index)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0] & 0x7FFFFFFF)

@@ -1,0 +1,213 @@
+"""Scripted demonstrations: roll a simulator's expert per task and write an episode store.
+
+    collect(CollectConfig(env="metaworld", tasks=("reach-v3",), episodes_per_task=20,
+                          prompt_episodes_per_task=5, out="data/reach.zarr"))
+
+writes ``data/reach.zarr`` + ``data/reach.json`` (training demonstrations) and
+``data/reach_prompts.zarr`` + ``data/reach_prompts.json`` (held-out prompt demonstrations,
+drawn from a different seed stream, so they never repeat a training episode).
+
+Episodes are simulated in worker processes and written by this process in a fixed order (task,
+then attempt index), so the stores are identical for the same flags whatever the worker count.
+An episode ends at the first success or at the step limit; failures are retried with the next
+seed unless ``keep_failures`` is set, in which case they are stored and flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icrt.config import CollectConfig
+from icrt.data.spec import write_dataset_json
+from icrt.data.store import EpisodeStore
+from icrt.envs.base import check_tasks, default_cameras, episode_seed, make_env, make_expert
+from icrt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Job:
+    env: str
+    task: str
+    seed: int
+    image_size: int
+    cameras: tuple[str, ...]
+    max_steps: int | None
+
+
+# One simulator per task inside each worker process, reused across its episodes.
+_WORKER_ENVS: dict[tuple, Any] = {}
+
+
+def _worker_init() -> None:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import warnings
+
+    warnings.filterwarnings("ignore")  # simulators warn per step about clipped actions
+
+
+def run_expert_episode(job: _Job) -> dict[str, Any]:
+    """Simulate one expert episode; returns its arrays, success flag and metadata."""
+    key = (job.env, job.task, job.image_size, job.cameras, job.max_steps)
+    if key not in _WORKER_ENVS:
+        env = make_env(job.env, job.task, image_size=job.image_size, cameras=job.cameras,
+                       max_steps=job.max_steps)
+        _WORKER_ENVS[key] = (env, make_expert(job.env, job.task))
+    env, expert = _WORKER_ENVS[key]
+    obs = env.reset(job.seed)
+    expert.reset(env)
+    steps: dict[str, list[np.ndarray]] = {k: [] for k in obs}
+    actions, rewards = [], []
+    success = False
+    t0 = time.perf_counter()
+    for _ in range(env.max_steps):
+        action = np.asarray(expert.act(env, obs), np.float32)
+        for k, v in obs.items():
+            steps[k].append(v)
+        actions.append(action)
+        obs, reward, done, info = env.step(action)
+        rewards.append(reward)
+        if info["success"]:
+            success = True
+            break
+        if done:
+            break
+    data = {k: np.stack(v) for k, v in steps.items()}
+    data["action"] = np.stack(actions)
+    data["reward"] = np.asarray(rewards, np.float32)
+    return {
+        "data": data,
+        "success": success,
+        "seed": job.seed,
+        "seconds": time.perf_counter() - t0,
+        "obs_meta": env.obs_meta(),
+        "fps": env.fps,
+        "max_steps": env.max_steps,
+    }
+
+
+def _ordered(executor: ProcessPoolExecutor | None, jobs: list[_Job]) -> Iterator[dict]:
+    """Results in job order; workers run ahead of the consumer."""
+    if executor is None:
+        for job in jobs:
+            yield run_expert_episode(job)
+        return
+    futures: list[Future] = [executor.submit(run_expert_episode, j) for j in jobs]
+    try:
+        for f in futures:
+            yield f.result()
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+def _dataset_json_path(store: Path) -> Path:
+    return store.with_suffix(".json")
+
+
+def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
+    """Collect demonstrations per ``cfg``; returns a summary (episodes, attempts, throughput)."""
+    from tqdm import tqdm
+
+    check_tasks(cfg.env, cfg.tasks)
+    cameras = tuple(cfg.cameras) or (default_cameras(cfg.env) if cfg.image_size else ())
+    if cameras and not cfg.image_size:
+        raise UserError("--cameras needs --image-size N (the side length of rendered images).")
+    out = Path(cfg.out)
+    splits = [("train", out, cfg.episodes_per_task)]
+    if cfg.prompt_episodes_per_task:
+        splits.append(
+            ("prompt", out.with_name(out.stem + "_prompts.zarr"), cfg.prompt_episodes_per_task)
+        )
+    for _, path, _ in splits:
+        if path.exists() and not cfg.overwrite:
+            raise UserError(f"'{path}' already exists; pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    total = sum(n for _, _, n in splits) * len(cfg.tasks)
+    bar = tqdm(total=total, desc=f"collect {cfg.env}", unit="ep", disable=not progress)
+    executor = None
+    if cfg.workers > 1:
+        executor = ProcessPoolExecutor(
+            cfg.workers, mp_context=get_context("spawn"), initializer=_worker_init
+        )
+    else:
+        _worker_init()
+    summary: dict[str, Any] = {"tasks": {}, "stores": {}}
+    t_start = time.perf_counter()
+    sim_steps = 0
+    try:
+        for stream, path, wanted in splits:
+            store = EpisodeStore.create(path, env={}, overwrite=cfg.overwrite)
+            for task in cfg.tasks:
+                kept, attempts, next_index = 0, 0, 0
+                cap = wanted * cfg.max_attempts_per_episode
+                while kept < wanted and attempts < cap:
+                    # ask for what is missing; failures lead to another round, in attempt order
+                    n = min(cap - attempts, wanted - kept)
+                    jobs = [
+                        _Job(cfg.env, task, episode_seed(cfg.seed, stream, task, next_index + i),
+                             cfg.image_size, cameras, cfg.max_steps)
+                        for i in range(n)
+                    ]
+                    next_index += n
+                    for result in _ordered(executor, jobs):
+                        attempts += 1
+                        sim_steps += len(result["data"]["action"])
+                        if kept >= wanted or not (result["success"] or cfg.keep_failures):
+                            continue
+                        store.add_episode(result["data"], task=task, success=result["success"],
+                                          source=0, seed=result["seed"])
+                        if store.num_episodes == 1:
+                            for key, meta in result["obs_meta"].items():
+                                store.set_key_meta(key, **meta)
+                            store.set_attrs(
+                                fps=result["fps"],
+                                env={"name": cfg.env, "cameras": list(cameras),
+                                     "image_size": cfg.image_size,
+                                     "max_steps": result["max_steps"], "collect": asdict(cfg)},
+                            )
+                        kept += 1
+                        bar.update(1)
+                        bar.set_postfix(task=task, success=f"{kept}/{attempts}")
+                summary["tasks"].setdefault(task, {})[stream] = {"kept": kept, "attempts": attempts}
+                if kept < wanted:
+                    raise UserError(
+                        f"The {cfg.env} expert for '{task}' succeeded in only {kept} of {attempts}"
+                        f" attempts; pass --keep-failures or raise --max-attempts-per-episode."
+                    )
+            store.close()
+            image_keys = [f"image_{c}" for c in cameras]
+            write_dataset_json(
+                _dataset_json_path(path),
+                stores=[path],
+                proprio_keys=["state"],
+                action_keys=["action"],
+                image_keys=image_keys,
+                train_split=cfg.train_split if stream == "train" else 1.0,
+            )
+            summary["stores"][stream] = str(path)
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    seconds = time.perf_counter() - t_start
+    episodes = sum(v["kept"] for t in summary["tasks"].values() for v in t.values())
+    summary.update(
+        episodes=episodes,
+        seconds=seconds,
+        episodes_per_min=60.0 * episodes / max(seconds, 1e-9),
+        sim_steps_per_s=sim_steps / max(seconds, 1e-9),
+    )
+    return summary

@@ -1,0 +1,514 @@
+"""In-context training sequences: prompt trajectories followed by a query of the same task.
+
+Sampling follows ICRT. Each epoch, episodes are grouped by task; every task's episodes are
+shuffled (or resampled to the median count with ``rebalance_tasks``), each is repeated 1..N
+times (``num_repeat_traj``), neighbours may swap (``shuffle_repeat_traj``), and the results are
+laid end to end into one stream of steps. A training sequence is a window of ``seq_length``
+consecutive steps of that stream; with ``task_barrier`` no window crosses from one task into the
+next, so every trajectory in a window shows the same task. ``non_overlapping=k`` keeps every k-th
+window start.
+
+Inside a window, one trajectory end is picked at random (not the first, if there are several):
+steps up to it are the *prompt*, steps after it the *query* (``prompt_mask``). Every step carries
+the chunk of its next ``num_pred_steps`` actions as target, padded past the episode end and
+marked invalid there (``action_mask``).
+
+Each item is a dict of tensors (T = seq_length, K = num_pred_steps)::
+
+    proprio        (T, P) float32   normalised low-dim observation
+    image_<cam>    (T, H, W, 3) uint8 camera frames (normalised/augmented by the model)
+    action         (T, A) float32   normalised action taken at each step (the action token)
+    action_chunk   (T, K, A) float32 targets a_t .. a_{t+K-1}
+    action_mask    (T, K) bool      False where the chunk runs past the episode end
+    prompt_mask    (T,) bool        True for prompt steps
+    weighted_step  (T,) bool        the first num_weighted_steps steps of each query trajectory
+    episode_start  (T,) bool        first step of a trajectory
+    task, episode  (T,) int64       task index (into ``dataset.tasks``) and episode index
+
+Sampling is a pure function of (seed, epoch, index): call ``set_epoch`` together with the
+sampler's, and results do not depend on DataLoader workers or ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from icrt.config import DatasetConfig, SharedConfig
+from icrt.data.spec import DatasetSpec
+from icrt.data.store import EpisodeStore, compute_stats
+from icrt.data.transforms import (
+    Normalizer,
+    identity_stats,
+    pool_stats,
+    rotated_dim,
+    rotation_to_6d,
+    to_delta_action,
+)
+from icrt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpisodeRef:
+    store: int  # index into the dataset's stores
+    index: int  # episode index inside that store
+    task: str
+    length: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One epoch's stream of trajectory occurrences and the window start points."""
+
+    occ_episode: np.ndarray  # (O,) dataset episode index of each occurrence
+    occ_start: np.ndarray  # (O,) first stream position
+    occ_end: np.ndarray  # (O,) one past the last stream position
+    starts: np.ndarray  # (W,) window start positions
+
+
+def split_episodes(
+    episodes: list[EpisodeRef], train_split: float, seed: int
+) -> dict[str, list[EpisodeRef]]:
+    """Episode-level split, per task so every task is in the training split."""
+    rng = np.random.default_rng([seed, 1234])
+    out: dict[str, list[EpisodeRef]] = {"train": [], "val": []}
+    for task in sorted({e.task for e in episodes}):
+        eps = [e for e in episodes if e.task == task]
+        order = rng.permutation(len(eps))
+        n_train = max(1, int(round(len(eps) * train_split)))
+        out["train"] += [eps[i] for i in order[:n_train]]
+        out["val"] += [eps[i] for i in order[n_train:]]
+    return out
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Prompt + query windows over one or more episode stores (see the module docstring)."""
+
+    def __init__(
+        self,
+        dataset_cfg: DatasetConfig,
+        shared_cfg: SharedConfig,
+        split: str = "train",
+        split_file: str | Path | None = None,
+        spec: DatasetSpec | None = None,
+    ) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        self.cfg = dataset_cfg
+        self.shared = shared_cfg
+        self.split = split
+        self.spec = spec or DatasetSpec.load(dataset_cfg.dataset_json)
+        self.seq_length = shared_cfg.seq_length
+        self.num_pred_steps = shared_cfg.num_pred_steps
+        self.seed = shared_cfg.seed
+        self.epoch = 0
+        stores = self.spec.open_stores()
+        self._store_paths = [str(p) for p in self.spec.stores]
+        self._stores: list[EpisodeStore] | None = stores
+        self._pid = os.getpid()
+
+        all_eps = self._select_episodes(stores)
+        if split_file is not None and Path(split_file).is_file():
+            splits = self._read_split(split_file, all_eps)
+        else:
+            splits = split_episodes(all_eps, self.spec.train_split, self.seed)
+        self.splits = splits
+        episodes = splits[split]
+        if split == "train" and dataset_cfg.dataset_fraction < 1.0:
+            episodes = self._fraction(episodes, dataset_cfg.dataset_fraction)
+        if not episodes:
+            raise UserError(
+                f"The {split} split of '{self.spec.path}' has no episodes (train_split "
+                f"{self.spec.train_split}, {len(all_eps)} usable episodes)."
+            )
+        self.episodes = episodes
+        self.tasks = sorted({e.task for e in all_eps})
+        self._task_index = np.array([self.tasks.index(e.task) for e in episodes], np.int64)
+        self._ep_len = np.array([e.length for e in episodes], np.int64)
+
+        self._load_lowdim(stores)
+        self._groups = self._group_episodes()
+        self._plan_cache: tuple[int, _Plan] | None = None
+        self._len = len(self._plan(0).starts)
+        if self._len == 0:
+            longest = max(
+                sum(self._ep_len[i] for i in g) * self.cfg.num_repeat_traj for g in self._groups
+            )
+            raise UserError(
+                f"--shared-cfg.seq-length {self.seq_length} is longer than the {split} data of "
+                f"any task (at most ~{longest} steps) in '{self.spec.path}'; lower it or add "
+                f"episodes."
+            )
+
+    # ------------------------------------------------------------------ episode selection
+
+    def _select_episodes(self, stores: list[EpisodeStore]) -> list[EpisodeRef]:
+        wanted = self.cfg.task_names or self.spec.task_names
+        known = sorted({t for s in stores for t in s.tasks})
+        if wanted:
+            missing = [t for t in wanted if t not in known]
+            if missing:
+                raise UserError(
+                    f"Task(s) {', '.join(missing)} are not in '{self.spec.path}'; it has "
+                    f"{', '.join(known)}."
+                )
+        eps = []
+        for si, s in enumerate(stores):
+            names, lengths = s.episode_task_names, s.episode_lengths
+            for i in range(s.num_episodes):
+                if wanted and names[i] not in wanted:
+                    continue
+                if not self.spec.include_failures and not s.episode_success[i]:
+                    continue
+                eps.append(EpisodeRef(si, i, names[i], int(lengths[i])))
+        if not eps:
+            raise UserError(
+                f"'{self.spec.path}' has no usable episodes (tasks {list(wanted or known)}, "
+                f"failures {'included' if self.spec.include_failures else 'excluded'})."
+            )
+        return eps
+
+    @staticmethod
+    def _fraction(episodes: list[EpisodeRef], fraction: float) -> list[EpisodeRef]:
+        out = []
+        for task in sorted({e.task for e in episodes}):
+            eps = [e for e in episodes if e.task == task]
+            out += eps[: max(1, int(np.ceil(len(eps) * fraction)))]
+        return out
+
+    def save_split(self, path: str | Path) -> None:
+        """Write the episode-level train/val split (store path + episode index) as JSON."""
+        body = {
+            name: [[self._store_paths[e.store], e.index] for e in eps]
+            for name, eps in self.splits.items()
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(body) + "\n")
+        tmp.replace(path)
+
+    def _read_split(self, path: str | Path, all_eps: list[EpisodeRef]) -> dict[str, list]:
+        body = json.loads(Path(path).read_text())
+        by_key = {(self._store_paths[e.store], e.index): e for e in all_eps}
+        out: dict[str, list[EpisodeRef]] = {}
+        for name in ("train", "val"):
+            refs = []
+            for store, index in body.get(name, []):
+                ref = by_key.get((store, int(index)))
+                if ref is None:
+                    raise UserError(
+                        f"Split file '{path}' lists episode {index} of '{store}', which the "
+                        f"dataset does not provide."
+                    )
+                refs.append(ref)
+            out[name] = refs
+        return out
+
+    # ------------------------------------------------------------------ low-dim data
+
+    def _key_vector(self, store: EpisodeStore, key: str) -> np.ndarray:
+        x = store.load(key).astype(np.float32).reshape(store.num_steps, -1)
+        rot = store.key_info(key).get("rotation")
+        if self.shared.rot_6d and rot is not None:
+            x = rotation_to_6d(x, rot)
+        return x
+
+    def _key_stats(self, stores: list[EpisodeStore], key: str) -> dict[str, np.ndarray]:
+        stats = pool_stats([(s.stats(key), s.num_steps) for s in stores])
+        rot = stores[0].key_info(key).get("rotation")
+        if not (self.shared.rot_6d and rot is not None):
+            return stats
+        # positions keep the store's statistics; the 6D part is already in [-1, 1]
+        from icrt.data.transforms import ROTATION_SIZES
+
+        start, size = int(rot["start"]), ROTATION_SIZES[rot["format"]]
+        ident = identity_stats(6)
+        return {
+            k: np.concatenate([v[:start], ident[k], v[start + size :]]).astype(np.float32)
+            for k, v in stats.items()
+        }
+
+    def _load_lowdim(self, stores: list[EpisodeStore]) -> None:
+        spec = self.spec
+        # (N, P) / (N, A): every store's rows, concatenated; episodes index into them
+        store_row0 = np.cumsum([0] + [s.num_steps for s in stores])
+        self._ep_row = np.array(
+            [store_row0[e.store] + stores[e.store].episode_starts[e.index] for e in self.episodes],
+            np.int64,
+        )
+        self._ep_store_row = np.array(
+            [stores[e.store].episode_starts[e.index] for e in self.episodes], np.int64
+        )
+
+        def gather(keys: tuple[str, ...]) -> np.ndarray:
+            if not keys:
+                return np.zeros((int(store_row0[-1]), 0), np.float32)
+            return np.concatenate(
+                [np.concatenate([self._key_vector(s, k) for k in keys], axis=1) for s in stores]
+            )
+
+        proprio_raw = gather(spec.proprio_keys)
+        action_raw = gather(spec.action_keys)
+        self.proprio_dim = proprio_raw.shape[1]
+        self.action_dim = action_raw.shape[1]
+        self.image_keys = spec.image_keys
+
+        def stats_of(keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+            if not keys:
+                return identity_stats(0)
+            parts = [self._key_stats(stores, k) for k in keys]
+            return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+        self._delta = None
+        if self.shared.use_delta_action:
+            self._delta = self._delta_setup(stores)
+        action_stats = stats_of(spec.action_keys)
+        if self._delta is not None:
+            action_stats = self._delta_stats(proprio_raw, action_raw)
+        self.normalizer = Normalizer(
+            stats={"proprio": stats_of(spec.proprio_keys), "action": action_stats},
+            modes={"proprio": self.cfg.proprio_norm, "action": self.cfg.action_norm},
+        )
+        self._proprio = self.normalizer.normalize("proprio", proprio_raw)
+        self._action = self.normalizer.normalize("action", action_raw)
+        if self._delta is not None:
+            self._proprio_raw, self._action_raw = proprio_raw, action_raw
+        self._proprio_noise = self.cfg.proprio_noise * self.normalizer.scale("proprio")
+        self._action_noise = self.cfg.action_noise * self.normalizer.scale("action")
+
+    def _delta_setup(self, stores: list[EpisodeStore]) -> dict[str, Any]:
+        """Where the pose sits in the action and the proprio vectors, for delta actions."""
+        spec = self.spec
+        akey = spec.action_keys[0]
+        info = stores[0].key_info(akey)
+        ref = info.get("delta_reference")
+        if ref is None:
+            raise UserError(
+                f"--shared-cfg.use-delta-action needs action key '{akey}' of '{spec.stores[0]}' "
+                f"to declare delta_reference (its pose's observation key; see docs/data.md)."
+            )
+        if ref["key"] not in spec.proprio_keys:
+            raise UserError(
+                f"Action key '{akey}' is relative to '{ref['key']}', which is not among the "
+                f"proprio_keys of '{spec.path}'."
+            )
+        offset = 0
+        for k in spec.proprio_keys:
+            if k == ref["key"]:
+                break
+            dim = int(np.prod(stores[0].key_info(k)["shape"]))
+            offset += rotated_dim(dim, stores[0].key_info(k).get("rotation") if self.shared.rot_6d
+                                  else None)
+        arot = info.get("rotation") if self.shared.rot_6d else None
+        prot = stores[0].key_info(ref["key"]).get("rotation") if self.shared.rot_6d else None
+        if (arot is None) != (prot is None):
+            raise UserError(
+                f"Delta actions need both '{akey}' and '{ref['key']}' to declare a rotation, or "
+                f"neither (with --shared-cfg.rot-6d)."
+            )
+        return {
+            "offset": offset,
+            "pos_dims": int(ref.get("pos_dims", 3)),
+            "action_rot": None if arot is None else int(arot["start"]),
+            "proprio_rot": None if prot is None else int(prot["start"]),
+        }
+
+    def _to_delta(self, chunk: np.ndarray, current: np.ndarray) -> np.ndarray:
+        """(N, K, A) absolute chunk, (N, P) raw proprio -> (N, K, A) delta chunk."""
+        d = self._delta
+        n, k, a = chunk.shape
+        cur = current[:, d["offset"] :]
+        if d["proprio_rot"] is not None:  # line the reference up with the action layout
+            pos = cur[:, : d["pos_dims"]]
+            rot = cur[:, d["proprio_rot"] : d["proprio_rot"] + 6]
+            ref = np.zeros((n, a), np.float32)
+            ref[:, : d["pos_dims"]] = pos
+            ref[:, d["action_rot"] : d["action_rot"] + 6] = rot
+        else:
+            ref = np.zeros((n, a), np.float32)
+            ref[:, : d["pos_dims"]] = cur[:, : d["pos_dims"]]
+        flat = to_delta_action(
+            chunk.reshape(n * k, a), np.repeat(ref, k, axis=0), d["pos_dims"], d["action_rot"]
+        )
+        return flat.reshape(n, k, a).astype(np.float32)
+
+    def _delta_stats(self, proprio_raw: np.ndarray, action_raw: np.ndarray) -> dict:
+        rows = np.concatenate(
+            [np.arange(r, r + n) for r, n in zip(self._ep_row, self._ep_len, strict=True)]
+        )
+        rows = rows[:: max(1, len(rows) // 20000)]
+        chunks, _ = self._chunk_rows(rows, self._row_to_len(rows))
+        delta = self._to_delta(action_raw[chunks], proprio_raw[rows])
+        return {k: np.asarray(v, np.float32) for k, v in
+                compute_stats(delta.reshape(-1, delta.shape[-1])).items()}
+
+    def _row_to_len(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For global rows of selected episodes: (step within episode, episode length)."""
+        order = np.argsort(self._ep_row)
+        ep = order[np.searchsorted(self._ep_row[order], rows, side="right") - 1]
+        return rows - self._ep_row[ep], self._ep_len[ep]
+
+    def _chunk_rows(self, rows: np.ndarray, t_and_len: tuple[np.ndarray, np.ndarray]):
+        """Rows of the next K actions of each row (clamped to the episode) and their validity."""
+        t, length = t_and_len
+        tk = t[:, None] + np.arange(self.num_pred_steps)[None, :]  # (N, K)
+        valid = tk < length[:, None]
+        chunk = rows[:, None] - t[:, None] + np.minimum(tk, length[:, None] - 1)
+        return chunk, valid
+
+    # ------------------------------------------------------------------ epoch plans
+
+    def _group_episodes(self) -> list[np.ndarray]:
+        if not self.cfg.sort_by_lang:
+            return [np.arange(len(self.episodes))]
+        return [np.flatnonzero(self._task_index == t) for t in np.unique(self._task_index)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose stream items are drawn from (call with the sampler's)."""
+        self.epoch = int(epoch)
+
+    def _plan(self, epoch: int) -> _Plan:
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        cfg, T = self.cfg, self.seq_length
+        rng = np.random.default_rng([self.seed, epoch, 0 if self.split == "train" else 1])
+        rebalance = None
+        if cfg.rebalance_tasks and cfg.sort_by_lang:
+            rebalance = (
+                int(np.median([len(g) for g in self._groups])) if self.split == "train" else 5
+            )
+        occ_episode, starts, offset = [], [], 0
+        barrier = cfg.task_barrier and cfg.sort_by_lang
+        for gi in rng.permutation(len(self._groups)):
+            group = self._groups[gi]
+            if rebalance is not None:
+                chosen = group[rng.choice(len(group), rebalance, replace=len(group) < rebalance)]
+            else:
+                chosen = group[rng.permutation(len(group))]
+            repeats = rng.integers(1, cfg.num_repeat_traj + 1, size=len(chosen))
+            occ = list(np.repeat(chosen, repeats))
+            if cfg.shuffle_repeat_traj:
+                for i in range(len(occ) - 1):
+                    if rng.random() < 0.5:
+                        occ[i], occ[i + 1] = occ[i + 1], occ[i]
+            length = int(self._ep_len[occ].sum())
+            if barrier:
+                if length < T:
+                    log.warning("task '%s' has %d steps (< seq_length %d) this epoch; skipped",
+                                self.tasks[self._task_index[group[0]]], length, T)
+                    continue
+                starts.append(offset + np.arange(length - T + 1))
+            occ_episode += occ
+            offset += length
+        occ_episode = np.asarray(occ_episode, np.int64)
+        occ_end = np.cumsum(self._ep_len[occ_episode]) if len(occ_episode) else np.zeros(0)
+        occ_start = occ_end - self._ep_len[occ_episode]
+        if barrier:
+            all_starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        else:
+            all_starts = np.arange(max(0, offset - T + 1))
+        stride = cfg.non_overlapping
+        stride = T if stride is True else max(1, int(stride))
+        plan = _Plan(occ_episode, occ_start, occ_end, all_starts[::stride].astype(np.int64))
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    # ------------------------------------------------------------------ items
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _store(self, i: int) -> EpisodeStore:
+        if self._stores is None or self._pid != os.getpid():  # reopen inside each worker
+            self._stores = [EpisodeStore.open(p) for p in self._store_paths]
+            self._pid = os.getpid()
+        return self._stores[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_stores"] = None  # zarr handles are reopened by each worker
+        return state
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        plan = self._plan(self.epoch)
+        n_windows = len(plan.starts)
+        # epochs differ slightly in length (resampling); map the fixed index range onto them
+        j = index if n_windows == self._len else index * n_windows // self._len
+        s = int(plan.starts[j])
+        T = self.seq_length
+        pos = np.arange(s, s + T)
+        occ = np.searchsorted(plan.occ_end, pos, side="right")  # (T,)
+        ep = plan.occ_episode[occ]
+        t = pos - plan.occ_start[occ]
+        length = self._ep_len[ep]
+        rows = self._ep_row[ep] + t
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+
+        proprio = self._proprio[rows]
+        if self.cfg.proprio_noise > 0 and self.proprio_dim:
+            proprio = proprio + rng.normal(size=proprio.shape) * self._proprio_noise
+        action = self._action[rows]
+        if self.cfg.action_noise > 0:
+            action = action + rng.normal(size=action.shape) * self._action_noise
+        chunk_rows, valid = self._chunk_rows(rows, (t, length))
+        if self._delta is not None:
+            raw = self._to_delta(self._action_raw[chunk_rows], self._proprio_raw[rows])
+            chunk = self.normalizer.normalize("action", raw)
+        else:
+            chunk = self._action[chunk_rows]  # (T, K, A)
+
+        eos = np.flatnonzero(t == length - 1)
+        prompt_mask, weighted = self._prompt_mask(eos, rng)
+        item = {
+            "proprio": torch.from_numpy(np.asarray(proprio, np.float32)),
+            "action": torch.from_numpy(np.asarray(action, np.float32)),
+            "action_chunk": torch.from_numpy(np.ascontiguousarray(chunk, np.float32)),
+            "action_mask": torch.from_numpy(valid),
+            "prompt_mask": torch.from_numpy(prompt_mask),
+            "weighted_step": torch.from_numpy(weighted),
+            "episode_start": torch.from_numpy(t == 0),
+            "task": torch.from_numpy(self._task_index[ep]),
+            "episode": torch.from_numpy(ep),
+        }
+        for key in self.image_keys:
+            item[key] = torch.from_numpy(self._read_frames(key, occ, ep, t))
+        return item
+
+    def _prompt_mask(self, eos: np.ndarray, rng: np.random.Generator):
+        """ICRT's split of a window into prompt and query at a random trajectory end."""
+        T = self.seq_length
+        prompt = np.ones(T, bool)
+        weighted = np.zeros(T, bool)
+        if len(eos) == 0:
+            return prompt, weighted
+        candidates = eos[1:] if len(eos) > 1 else eos
+        cut = int(rng.choice(candidates))
+        prompt[cut + 1 :] = False
+        n = self.cfg.num_weighted_steps
+        bounds = [*eos[eos >= cut], T - 1]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=False):  # each trajectory after the cut
+            steps = int(n) if n >= 1 else int(n * (b - a))
+            weighted[a + 1 : min(a + 1 + steps, b + 1)] = True
+        return prompt, weighted
+
+    def _read_frames(self, key: str, occ: np.ndarray, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Frames of the window, read as one contiguous slice per trajectory occurrence."""
+        parts = []
+        change = np.flatnonzero(np.diff(occ)) + 1
+        for a, b in zip([0, *change], [*change, len(occ)], strict=True):
+            e = int(ep[a])
+            store = self._store(self.episodes[e].store)
+            row = int(self._ep_store_row[e])
+            parts.append(store.read(key, row + int(t[a]), row + int(t[b - 1]) + 1))
+        return np.concatenate(parts)

@@ -1,0 +1,135 @@
+"""The dataset JSON (``--dataset-cfg.dataset-json``): which stores and keys a run trains on.
+
+    {
+      "stores": ["mw5.zarr"],              # paths relative to this file (or absolute)
+      "proprio_keys": ["state"],           # low-dim observation keys, concatenated
+      "action_keys": ["action"],           # action keys, concatenated
+      "image_keys": [],                    # camera keys, e.g. ["image_agentview"]
+      "train_split": 0.9,                  # fraction of each task's episodes used for training
+      "task_names": null,                  # optional task filter
+      "include_failures": false            # train on episodes flagged unsuccessful too
+    }
+
+Several stores merge into one dataset; tasks with the same name are the same task.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from icrt.data.store import EpisodeStore
+from icrt.errors import UserError
+
+_FIELDS = {
+    "stores",
+    "proprio_keys",
+    "action_keys",
+    "image_keys",
+    "train_split",
+    "task_names",
+    "include_failures",
+    "description",
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: Path
+    stores: tuple[Path, ...]
+    proprio_keys: tuple[str, ...]
+    action_keys: tuple[str, ...]
+    image_keys: tuple[str, ...] = ()
+    train_split: float = 0.9
+    task_names: tuple[str, ...] | None = None
+    include_failures: bool = False
+
+    @classmethod
+    def load(cls, path: str | Path) -> DatasetSpec:
+        """Read and validate a dataset JSON; every problem is one sentence naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(
+                f"Dataset JSON '{path}' does not exist (make one with scripts/collect.py or see "
+                f"config/dataset/)."
+            )
+        try:
+            d: dict[str, Any] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"Dataset JSON '{path}' is not valid JSON: {e}.") from None
+        if not isinstance(d, dict):
+            raise UserError(f"Dataset JSON '{path}' must hold an object.")
+        if "hdf5_keys" in d or "dataset_path" in d:
+            raise UserError(
+                f"'{path}' is an ICRT HDF5 dataset config; icrt trains on zarr episode stores "
+                f"(see docs/data.md)."
+            )
+        unknown = sorted(set(d) - _FIELDS)
+        if unknown:
+            raise UserError(
+                f"Dataset JSON '{path}' has unknown field(s) {', '.join(unknown)}; known fields "
+                f"are {', '.join(sorted(_FIELDS))}."
+            )
+        for name in ("stores", "proprio_keys", "action_keys"):
+            if not d.get(name) and not (name == "proprio_keys" and d.get("image_keys")):
+                raise UserError(f"Dataset JSON '{path}' needs a non-empty list '{name}'.")
+        split = d.get("train_split", 0.9)
+        if not isinstance(split, (int, float)) or not 0.0 < split <= 1.0:
+            raise UserError(f"Dataset JSON '{path}': train_split must be in (0, 1], got {split!r}.")
+        stores = tuple(
+            (p if p.is_absolute() else path.parent / p) for p in (Path(s) for s in d["stores"])
+        )
+        for s in stores:
+            if not s.exists():
+                raise UserError(f"Dataset JSON '{path}' lists store '{s}', which does not exist.")
+        tasks = d.get("task_names")
+        return cls(
+            path=path,
+            stores=stores,
+            proprio_keys=tuple(d.get("proprio_keys") or ()),
+            action_keys=tuple(d["action_keys"]),
+            image_keys=tuple(d.get("image_keys") or ()),
+            train_split=float(split),
+            task_names=tuple(tasks) if tasks else None,
+            include_failures=bool(d.get("include_failures", False)),
+        )
+
+    def open_stores(self) -> list[EpisodeStore]:
+        """Open every store and check that each has the listed keys with matching shapes."""
+        stores = [EpisodeStore.open(p) for p in self.stores]
+        for key in (*self.proprio_keys, *self.action_keys, *self.image_keys):
+            infos = [s.key_info(key) for s in stores]  # raises naming store and key
+            shapes = {tuple(i["shape"]) for i in infos}
+            if len(shapes) > 1:
+                raise UserError(
+                    f"Key '{key}' has different shapes across the stores of '{self.path}': "
+                    f"{sorted(shapes)}."
+                )
+            rotations = {json.dumps(i.get("rotation"), sort_keys=True) for i in infos}
+            if len(rotations) > 1:
+                raise UserError(
+                    f"Key '{key}' declares different rotations across the stores of '{self.path}'."
+                )
+        return stores
+
+
+def write_dataset_json(path: str | Path, **fields: Any) -> None:
+    """Write a dataset JSON (store paths are made relative to its folder when possible)."""
+    path = Path(path)
+    stores = []
+    for s in fields.pop("stores"):
+        s = Path(s)
+        try:
+            stores.append(str(s.resolve().relative_to(path.parent.resolve())))
+        except ValueError:
+            stores.append(str(s.resolve()))
+    body = {"stores": stores, **fields}
+    unknown = set(body) - _FIELDS
+    if unknown:
+        raise ValueError(f"unknown dataset JSON fields {sorted(unknown)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.replace(path)
