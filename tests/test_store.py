@@ -207,3 +207,25 @@ def test_attrs_are_json(tmp_path):
     attrs = json.loads((path / "zarr.json").read_text())["attributes"]
     assert attrs["format"] == FORMAT
     assert attrs["keys"]["state"]["rotation"] == {"start": 1, "format": "quat_xyzw"}
+
+
+def test_write_key_adds_a_column(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = EpisodeStore.create(path)
+    for i in range(3):
+        store.add_episode(_episode(i, 4 + i), task="a")
+    feats = np.arange(store.num_steps * 2, dtype=np.float32).reshape(-1, 1, 2)
+    store.write_key("feature_cam", feats, encoder="tiny")
+    store = EpisodeStore.open(path, mode="a")
+    assert store.key_info("feature_cam") == {"kind": "feature", "shape": [1, 2],
+                                             "dtype": "float32", "encoder": "tiny"}
+    np.testing.assert_array_equal(store.episode(1)["feature_cam"], feats[4:9])
+    with pytest.raises(UserError, match="already has key"):
+        store.write_key("feature_cam", feats)
+    with pytest.raises(UserError, match="has 2 rows"):
+        store.write_key("feature_x", feats[:2])
+    store.write_key("feature_cam", feats * 2, overwrite=True)
+    np.testing.assert_array_equal(EpisodeStore.open(path).load("feature_cam"), feats * 2)
+    # later episodes must provide the new key too
+    with pytest.raises(UserError, match="missing"):
+        store.add_episode(_episode(5, 3), task="a")

@@ -445,6 +445,39 @@ class EpisodeStore:
         self._stats_cache.clear()
         return n
 
+    def write_key(self, key: str, rows: np.ndarray, overwrite: bool = False, **extra: Any) -> None:
+        """Add a whole new key for every committed step (e.g. precomputed image features).
+
+        ``rows`` has one row per step, in store order. The key becomes visible only once fully
+        written (it is registered in the attributes last), so an interrupted write leaves the
+        store as it was.
+        """
+        self._check_writable()
+        rows = np.asarray(rows)
+        if len(rows) != self.num_steps:
+            raise UserError(
+                f"New key '{key}' for '{self.path}' has {len(rows)} rows; the store has "
+                f"{self.num_steps} steps."
+            )
+        if key in self._attrs["keys"]:
+            if not overwrite:
+                raise UserError(f"Episode store '{self.path}' already has key '{key}'.")
+            keys = {k: dict(v) for k, v in self._attrs["keys"].items() if k != key}
+            self._update_attrs(keys=keys)
+        if key in self._root["data"]:
+            del self._root["data"][key]
+        self._create_key(key, rows[:1])
+        info = self._attrs["keys"].pop(key)
+        arr = self._root["data"][key]
+        arr.resize(rows.shape)
+        step = max(1, arr.chunks[0])
+        for start in range(0, len(rows), step):
+            arr[start : start + step] = rows[start : start + step]
+        keys = {k: dict(v) for k, v in self._attrs["keys"].items()}
+        keys[key] = {**info, **extra}
+        self._update_attrs(keys=keys)
+        self._stats_cache.pop(key, None)
+
     def close(self) -> None:
         """Finish writing: compute normalisation statistics. Reading stores need no close."""
         stale = self._attrs.get("stats_num_steps") != self.num_steps
