@@ -102,6 +102,11 @@ class VisionEncoderConfig:
     vision_unfreeze_last_n: int = 0
     # Resize camera images to this side length before the encoder (default: the encoder's).
     vision_image_size: int | None = None
+    # timm architecture of a local checkpoint file given as the vision encoder.
+    vision_arch: str = "vit_base_patch16_224"
+    # Read precomputed encoder features (feature_<camera> keys of the stores) instead of
+    # running the frozen encoder on pixels; see scripts/cache_features.py.
+    use_cached_features: bool = False
 
     def __post_init__(self) -> None:
         p = "--model-cfg.vision-encoder-cfg."
