@@ -251,12 +251,15 @@ class TrainerConfig:
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
     # Wrap the model in torch.compile.
     compile: bool = False
+    # Log training metrics every N optimizer steps.
+    log_every: int = 10
 
     def __post_init__(self) -> None:
         p = "--trainer-cfg."
         _positive(self.epochs, p + "epochs")
         _positive(self.accum_iter, p + "accum-iter")
         _positive(self.num_workers, p + "num-workers", allow_zero=True)
+        _positive(self.log_every, p + "log-every")
 
 
 @dataclasses.dataclass(frozen=True)

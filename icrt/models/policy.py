@@ -1,0 +1,183 @@
+"""The in-context policy: observations and actions -> interleaved tokens -> backbone -> head.
+
+Per timestep t the policy builds a state token from the observation and an action token from
+the action taken, and the causal backbone reads
+
+    [prompt traj 1: s0 a0 s1 a1 ...] [prompt traj 2 ...] [query: s0 a0 ... st]
+
+The head reads the backbone's feature at each state token and predicts the chunk
+a_t .. a_{t+K-1}. The same module serves training (``forward`` on whole sequences) and acting
+(``state_tokens`` / ``action_tokens`` fed one at a time through the backbone's KV cache).
+
+    spec = PolicySpec(proprio_dim=39, action_dim=4, num_pred_steps=4, max_timesteps=256)
+    policy = ICRTPolicy(cfg.model_cfg, spec)
+    out = policy(batch)          # {"loss": ..., "action_loss": ..., "num_supervised": ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from icrt.config import ModelConfig
+from icrt.models.backbones import build_backbone
+from icrt.models.backbones.pretrained import apply_lora
+from icrt.models.heads import build_head
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What the data fixes about a policy: sizes, keys and context length.
+
+    Saved in every checkpoint's ``stats.json`` (with the normaliser) so a checkpoint can be
+    rebuilt, and checked against an environment, without the training data.
+    """
+
+    proprio_dim: int
+    action_dim: int
+    num_pred_steps: int
+    max_timesteps: int  # context length in timesteps (2 tokens each)
+    camera_keys: tuple[str, ...] = ()
+    image_shape: tuple[int, ...] | None = None  # (H, W, 3) of the camera keys
+    proprio_keys: tuple[str, ...] = ()
+    action_keys: tuple[str, ...] = ()
+    key_meta: dict[str, Any] = field(default_factory=dict)  # per-key rotation/delta metadata
+    rot_6d: bool = False
+    use_delta_action: bool = False
+    tasks: tuple[str, ...] = ()
+    env: dict[str, Any] = field(default_factory=dict)  # the stores' simulator description
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PolicySpec:
+        d = dict(d)
+        for name in ("camera_keys", "proprio_keys", "action_keys", "tasks"):
+            d[name] = tuple(d.get(name, ()))
+        if d.get("image_shape") is not None:
+            d["image_shape"] = tuple(d["image_shape"])
+        return cls(**d)
+
+
+class ProprioStateEncoder(nn.Module):
+    """State tokens from low-dim observations alone: a two-layer MLP."""
+
+    def __init__(self, proprio_dim: int, d_model: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(proprio_dim, d_model), nn.GELU(), nn.Linear(d_model, d_model)
+        )
+
+    def forward(self, obs: dict[str, Tensor], train_aug: bool = False) -> Tensor:
+        return self.net(obs["proprio"])  # (B, T, P) -> (B, T, D)
+
+
+class ICRTPolicy(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, spec: PolicySpec, vision_aug: bool = False):
+        super().__init__()
+        cfg = model_cfg.policy_cfg
+        self.cfg = cfg
+        self.spec = spec
+        self.backbone = build_backbone(cfg, max_seq_len=2 * spec.max_timesteps)
+        if cfg.phase == "finetune" and cfg.scratch_llama_config is not None:
+            # ICRT's finetune phase: only LoRA adapters, norms and biases of the backbone train
+            apply_lora(self.backbone, cfg.lora_rank, cfg.lora_layer_idxs)
+        d = self.backbone.d_model
+        self.d_model = d
+        if spec.camera_keys:
+            from icrt.models.encoders.vision import ObservationEncoder
+
+            self.state_encoder: nn.Module = ObservationEncoder(
+                model_cfg.vision_encoder_cfg, cfg, spec.camera_keys, spec.proprio_dim, d,
+                vision_aug,
+            )
+        else:
+            self.state_encoder = ProprioStateEncoder(spec.proprio_dim, d)
+        self.action_encoder = nn.Sequential(
+            nn.Linear(spec.action_dim, d), nn.GELU(), nn.Linear(d, d)
+        )
+        if cfg.modality_pos_emb:
+            self.state_emb = nn.Parameter(torch.randn(d) * 0.02)
+            self.action_emb = nn.Parameter(torch.randn(d) * 0.02)
+        self.head = build_head(cfg, d, spec.action_dim, spec.num_pred_steps)
+
+    # ------------------------------------------------------------------ tokens
+
+    def state_tokens(self, obs: dict[str, Tensor], train_aug: bool = False) -> Tensor:
+        """Observation dict of (B, T, ...) tensors -> (B, T, D) state tokens."""
+        s = self.state_encoder(obs, train_aug=train_aug)
+        return s + self.state_emb if self.cfg.modality_pos_emb else s
+
+    def action_tokens(self, action: Tensor) -> Tensor:
+        """(B, T, A) normalised actions -> (B, T, D) action tokens."""
+        a = self.action_encoder(action)
+        return a + self.action_emb if self.cfg.modality_pos_emb else a
+
+    @staticmethod
+    def interleave(states: Tensor, actions: Tensor) -> Tensor:
+        """(B, T, D) states and actions -> (B, 2T, D) as s0 a0 s1 a1 ..."""
+        B, T, D = states.shape
+        return torch.stack([states, actions], dim=2).reshape(B, 2 * T, D)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Masked, weighted chunk loss over a batch of sequences (see icrt.data.sequence)."""
+        tokens = self.interleave(
+            self.state_tokens(batch, train_aug=self.training), self.action_tokens(batch["action"])
+        )
+        hidden = self.backbone(tokens)[:, 0::2]  # (B, T, D) features at the state tokens
+        B, T, D = hidden.shape
+        mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
+        weight = torch.ones(B * T, device=hidden.device)
+        if self.cfg.step_weight != 1.0:
+            weight = weight + (self.cfg.step_weight - 1.0) * batch["weighted_step"].reshape(-1)
+        if self.cfg.no_prompt_loss:
+            weight = weight * (~batch["prompt_mask"]).reshape(-1)
+        weight = weight * mask.any(-1)  # a chunk entirely past the episode end teaches nothing
+        keep = weight > 0
+        n = keep.sum()
+        if n == 0:  # e.g. a window made only of prompt under no_prompt_loss
+            # touch every trainable weight so DDP's gradient all-reduce still sees them all
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return {"loss": zero, "action_loss": zero.detach(), "num_supervised": n}
+        per_sample = self.head.loss(
+            hidden.reshape(B * T, D)[keep],
+            batch["action_chunk"].reshape(B * T, *batch["action_chunk"].shape[2:])[keep],
+            mask[keep],
+        )
+        w = weight[keep]
+        action_loss = (per_sample * w).sum() / w.sum()
+        loss = self.cfg.scale_loss * self.cfg.loss_w_action * action_loss
+        return {"loss": loss, "action_loss": action_loss.detach(), "num_supervised": n}
+
+    # ------------------------------------------------------------------ acting
+
+    def predict_chunk(
+        self,
+        hidden: Tensor,
+        generator: torch.Generator | None = None,
+        deterministic: bool = False,
+    ) -> Tensor:
+        """(N, D) state-token features -> (N, K, A) normalised action chunks."""
+        return self.head.sample(hidden, generator=generator, deterministic=deterministic)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: no decay on norms, biases, embeddings and other 1-D parameters."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim < 2 or "norm" in name or name.endswith(("_emb", ".bias")):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
