@@ -127,8 +127,14 @@ def load_policy(
 
 
 def load_weights(model: ICRTPolicy, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights strictly, except for LoRA adapters the checkpoint never had."""
+    """Load weights strictly, except for LoRA adapters the checkpoint never had.
+
+    peft renames a wrapped ``wq.weight`` to ``wq.base_layer.weight``; names are matched with
+    that part removed, so a plain checkpoint loads into a LoRA-wrapped policy.
+    """
     own = model.state_dict()
+    canonical = {k.replace(".base_layer", ""): k for k in own}
+    state = {canonical.get(k.replace(".base_layer", ""), k): v for k, v in state.items()}
     unexpected = sorted(set(state) - set(own))
     missing = sorted(k for k in set(own) - set(state) if "lora_" not in k)
     if unexpected or missing:

@@ -1,0 +1,250 @@
+"""Training: tiny runs, checkpoints, resume, DDP equivalence, divergence stop, clear errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_reach_dataset
+from safetensors.torch import load_file
+from test_config import ICRT_COMMANDS, icrt_args
+
+from icrt.config import ExperimentConfig, parse_config
+from icrt.errors import UserError
+from icrt.train.checkpoint import latest_checkpoint, load_policy, read_checkpoint
+from icrt.train.loop import TrainingDiverged, run_metrics, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "config/model_config/tiny.json")
+
+
+def tiny_args(dataset_json, out, *extra):
+    return [
+        "--dataset-cfg.dataset-json", str(dataset_json),
+        "--model-cfg.policy-cfg.scratch-llama-config", TINY,
+        "--shared-cfg.seq-length", "48", "--shared-cfg.num-pred-steps", "4",
+        "--shared-cfg.batch-size", "4", "--trainer-cfg.accum-iter", "1",
+        "--trainer-cfg.epochs", "2", "--trainer-cfg.num-workers", "0",
+        "--optimizer-cfg.warmup-epochs", "0.5", "--optimizer-cfg.lr", "1e-3",
+        "--dataset-cfg.non-overlapping", "4", "--trainer-cfg.log-every", "1",
+        "--logging-cfg.output-dir", str(out), *map(str, extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reach_json(tmp_path_factory):
+    return make_reach_dataset(tmp_path_factory.mktemp("data"), episodes_per_task=8,
+                              train_split=0.75)
+
+
+def test_tiny_run_writes_checkpoint_that_reloads_identically(reach_json, tmp_path):
+    cfg = parse_config(tiny_args(reach_json, tmp_path / "run"))
+    run = train(cfg, progress=False)
+    ckpt = run / "checkpoint-1"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "config.json", "model.safetensors", "stats.json", "train_state.pt"]
+    assert json.loads((run / "split.json").read_text())["val"]
+    records = run_metrics(run)
+    assert any("epoch/val_loss" in r for r in records)
+    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    assert (run / "tensorboard").is_dir()
+    # config.json and stats.json are plain JSON; train_state loads with weights_only
+    assert json.loads((ckpt / "config.json").read_text())["shared_cfg"]["seq_length"] == 48
+    torch.load(ckpt / "train_state.pt", weights_only=True)
+
+    policy, info = load_policy(ckpt)
+    assert info.config == cfg
+    again, _ = load_policy(run)  # a run directory resolves to its latest checkpoint
+    batch = {
+        "proprio": torch.randn(2, 10, policy.spec.proprio_dim),
+        "action": torch.randn(2, 10, policy.spec.action_dim),
+    }
+    with torch.no_grad():
+        h1 = policy.backbone(policy.interleave(policy.state_tokens(batch),
+                                               policy.action_tokens(batch["action"])))
+        h2 = again.backbone(again.interleave(again.state_tokens(batch),
+                                             again.action_tokens(batch["action"])))
+    assert torch.equal(h1, h2)
+    state = load_file(str(ckpt / "model.safetensors"))
+    for k, v in policy.state_dict().items():
+        assert torch.equal(state[k], v)
+
+
+def test_loss_decreases_on_tiny_dataset(reach_json, tmp_path):
+    cfg = parse_config(tiny_args(reach_json, tmp_path / "run", "--trainer-cfg.epochs", "8"))
+    losses = [r["epoch/train_loss"] for r in run_metrics(train(cfg, progress=False))
+              if "epoch/train_loss" in r]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_resume_reproduces_uninterrupted_losses(reach_json, tmp_path):
+    args = tiny_args(reach_json, tmp_path / "full", "--trainer-cfg.epochs", "3",
+                     "--shared-cfg.save-every", "1")
+    full = train(parse_config(args), progress=False)
+    resumed_args = tiny_args(reach_json, tmp_path / "resumed", "--trainer-cfg.epochs", "3",
+                             "--shared-cfg.save-every", "1",
+                             "--shared-cfg.resume", full / "checkpoint-0")
+    resumed = train(parse_config(resumed_args), progress=False)
+    a = {r["step"]: r["train/loss"] for r in run_metrics(full) if "train/loss" in r}
+    b = {r["step"]: r["train/loss"] for r in run_metrics(resumed) if "train/loss" in r}
+    assert min(b) > 1 and set(b) <= set(a)
+    assert all(a[s] == b[s] for s in b), "resumed losses differ from the uninterrupted run"
+    wa = load_file(str(full / "checkpoint-2" / "model.safetensors"))
+    wb = load_file(str(resumed / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(reach_json, tmp_path):
+    common = ["--trainer-cfg.epochs", "4", "--shared-cfg.save-every", "1"]
+    full = train(parse_config(tiny_args(reach_json, tmp_path / "full", *common)), progress=False)
+    run = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "scripts/train.py"), *tiny_args(reach_json, run, *common)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while latest_checkpoint(run) is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the next epoch (or while writing a checkpoint)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    last = latest_checkpoint(run)
+    assert last is not None and last.name != "checkpoint-3"
+    read_checkpoint(last)  # whatever survived is a complete checkpoint
+    resumed = train(parse_config(tiny_args(reach_json, run, *common, "--shared-cfg.resume",
+                                           run)), progress=False)
+    wa = load_file(str(full / "checkpoint-3" / "model.safetensors"))
+    wb = load_file(str(resumed / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one_process(reach_json, tmp_path):
+    one = train(parse_config(tiny_args(reach_json, tmp_path / "one", "--shared-cfg.batch-size",
+                                       "4", "--trainer-cfg.epochs", "1")), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(ROOT / "scripts/train.py"),
+           *tiny_args(reach_json, tmp_path / "two", "--shared-cfg.batch-size", "2",
+                      "--trainer-cfg.epochs", "1")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    wa = load_file(str(one / "checkpoint-0" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "checkpoint-0" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    steps = [r for r in run_metrics(tmp_path / "two") if "train/loss" in r]
+    assert len(steps) == len([r for r in run_metrics(one) if "train/loss" in r])
+
+
+def test_gradient_accumulation_matches_large_batch(reach_json, tmp_path):
+    big = train(parse_config(tiny_args(reach_json, tmp_path / "big", "--shared-cfg.batch-size",
+                                       "4", "--trainer-cfg.epochs", "1")), progress=False)
+    acc = train(parse_config(tiny_args(reach_json, tmp_path / "acc", "--shared-cfg.batch-size",
+                                       "2", "--trainer-cfg.accum-iter", "2",
+                                       "--trainer-cfg.epochs", "1")), progress=False)
+    steps_big = [r for r in run_metrics(big) if "train/loss" in r]
+    steps_acc = [r for r in run_metrics(acc) if "train/loss" in r]
+    assert len(steps_big) == len(steps_acc)
+    wa = load_file(str(big / "checkpoint-0" / "model.safetensors"))
+    wb = load_file(str(acc / "checkpoint-0" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(reach_json, tmp_path):
+    run = tmp_path / "nan"
+    train(parse_config(tiny_args(reach_json, run, "--trainer-cfg.epochs", "1")), progress=False)
+    before = load_file(str(run / "checkpoint-0" / "model.safetensors"))
+    cfg = parse_config(tiny_args(reach_json, run, "--trainer-cfg.epochs", "3",
+                                 "--shared-cfg.resume", run / "checkpoint-0",
+                                 "--optimizer-cfg.lr", "1e30", "--optimizer-cfg.clip-grad",
+                                 "None"))
+    with pytest.raises(TrainingDiverged, match=r"non-finite.*checkpoint-0"):
+        train(cfg, progress=False)
+    after = load_file(str(run / "checkpoint-0" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert latest_checkpoint(run).name == "checkpoint-0"
+
+
+@pytest.mark.parametrize("head", ["mlp", "gmm", "diffusion", "flow"])
+def test_every_head_trains_through_the_loop(reach_json, tmp_path, head):
+    cfg = parse_config(tiny_args(reach_json, tmp_path / head, "--trainer-cfg.epochs", "1",
+                                 "--model-cfg.policy-cfg.decoder-pred-head", head))
+    policy, _ = load_policy(train(cfg, progress=False))
+    assert policy.cfg.decoder_pred_head == head
+
+
+def test_pretrained_path_and_finetune_phase(reach_json, tmp_path):
+    pre = train(parse_config(tiny_args(reach_json, tmp_path / "pre", "--trainer-cfg.epochs", "1")),
+                progress=False)
+    cfg = parse_config(tiny_args(reach_json, tmp_path / "ft", "--trainer-cfg.epochs", "1",
+                                 "--model-cfg.policy-cfg.phase", "finetune",
+                                 "--model-cfg.policy-cfg.pretrained-path",
+                                 pre / "checkpoint-0.pth"))  # ICRT-style name resolves
+    policy, _ = load_policy(train(cfg, progress=False))
+    trainable = [n for n, p in policy.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "norm" in n for n in trainable)
+
+
+def test_clear_errors(reach_json, tmp_path):
+    with pytest.raises(UserError, match="missing.json"):
+        train(parse_config(tiny_args(reach_json, tmp_path / "a",
+                                     "--model-cfg.policy-cfg.scratch-llama-config",
+                                     tmp_path / "missing.json")), progress=False)
+    with pytest.raises(SystemExit):  # tyro rejects an unknown head with its choices
+        parse_config(tiny_args(reach_json, tmp_path / "b",
+                               "--model-cfg.policy-cfg.decoder-pred-head", "transformer"))
+    # a checkpoint whose action dimension differs from the dataset's
+    run = train(parse_config(tiny_args(reach_json, tmp_path / "c", "--trainer-cfg.epochs", "1")),
+                progress=False)
+    other = make_reach_dataset(tmp_path / "other", episodes_per_task=4)
+    data = json.loads(other.read_text())
+    data["action_keys"] = ["action", "state"]  # 2 + 3 = 5-D actions
+    other.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"action dim 2 but dataset .* has 5"):
+        train(parse_config(tiny_args(other, tmp_path / "d", "--model-cfg.policy-cfg."
+                                     "pretrained-path", run)), progress=False)
+    with pytest.raises(UserError, match="not a checkpoint directory"):
+        train(parse_config(tiny_args(reach_json, tmp_path / "e", "--shared-cfg.resume",
+                                     tmp_path / "nowhere")), progress=False)
+    with pytest.raises(UserError, match="16-mixed needs CUDA"):
+        train(parse_config(tiny_args(reach_json, tmp_path / "f", "--trainer-cfg.precision",
+                                     "16-mixed")), progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 3])
+def test_icrt_command_lines_train_one_short_epoch(reach_json, tmp_path, index):
+    """ICRT's documented commands, with a tiny model config and a demo dataset."""
+    (tmp_path / "encoder.pth").write_bytes(b"")
+    pre = train(parse_config(tiny_args(reach_json, tmp_path / "pre", "--trainer-cfg.epochs", "1",
+                                       "--shared-cfg.seq-length", "64")), progress=False)
+    args = icrt_args(ICRT_COMMANDS[index], {
+        "/path/to/dataset_config.json": str(reach_json),
+        "config/dataset_config.json": str(reach_json),
+        "/path/to/vision/encoder.pth": str(tmp_path / "encoder.pth"),
+        "/path/to/output_dir/pretrain_droid/checkpoint-3.pth": str(pre / "checkpoint-0.pth"),
+        "/path/to/output_dir": str(tmp_path / "out"),
+        "config/model_config/custom_transformer.json": TINY,
+    })
+    # one short epoch on the 2-core CI machine: shorter sequences, one epoch
+    args += ["--trainer-cfg.epochs", "1", "--shared-cfg.seq-length", "64",
+             "--shared-cfg.num-pred-steps", "4", "--trainer-cfg.num-workers", "0"]
+    cfg = parse_config(args)
+    assert isinstance(cfg, ExperimentConfig)
+    run = train(cfg, progress=False)
+    assert (run / "checkpoint-0" / "model.safetensors").is_file()
+    assert run.name == cfg.logging_cfg.log_name
