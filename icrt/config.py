@@ -309,6 +309,61 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Prompted rollouts of a checkpoint in a simulator (scripts/eval.py, or during training)."""
+
+    # Checkpoint directory, or a run directory (its latest checkpoint). Set by training itself.
+    checkpoint: str = ""
+    # During training: evaluate every N epochs (0: never) and keep RUN/best/ by mean success.
+    eval_every: int = 0
+    # Simulator (default: the one the training data was collected in).
+    env: str | None = None
+    # Tasks to evaluate (default: the checkpoint's training tasks).
+    tasks: tuple[str, ...] | None = None
+    # Dataset JSON of held-out demonstrations to prompt with (e.g. data/NAME_prompts.json).
+    prompt_dataset: str | None = None
+    # Demonstrations of the same task shown before each episode.
+    num_prompts: int = 1
+    # Baseline: act without any prompt.
+    no_prompt: bool = False
+    # Episodes per task.
+    episodes_per_task: int = 20
+    # Episode length limit (default: the environment's).
+    max_steps: int | None = None
+    # Parallel worker processes (each runs its own simulator and policy copy).
+    workers: int = 2
+    # Torch threads per worker.
+    threads_per_worker: int = 1
+    # Base seed: episode seeds, prompt choice and action sampling derive from it.
+    seed: int = 0
+    # Chunk execution: ensemble (temporal ensembling) or open_loop.
+    execution: Literal["ensemble", "open_loop"] = "ensemble"
+    # Actions executed per chunk in open_loop mode (default: the whole chunk).
+    open_loop_steps: int | None = None
+    # Temporal-ensembling decay m in exp(-m * i), i = 0 for the oldest prediction.
+    ensemble_decay: float = 0.01
+    # Point estimates instead of samples from stochastic heads.
+    deterministic: bool = False
+    # Write the results JSON here.
+    out: str | None = None
+    # Save rollout videos (mp4) here.
+    video_dir: str | None = None
+    # Videos saved per task (the first episodes).
+    videos_per_task: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "episodes_per_task", "workers", "threads_per_worker"):
+            _positive(getattr(self, name), "--" + name.replace("_", "-"))
+        _positive(self.eval_every, "--eval-every", allow_zero=True)
+        _positive(self.videos_per_task, "--videos-per-task", allow_zero=True)
+        _positive(self.ensemble_decay, "--ensemble-decay", allow_zero=True)
+        if self.max_steps is not None:
+            _positive(self.max_steps, "--max-steps")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("--tasks needs at least one task name.")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     # Dataset configuration.
     dataset_cfg: DatasetConfig = DatasetConfig()
@@ -322,6 +377,8 @@ class ExperimentConfig:
     logging_cfg: LoggingConfig = LoggingConfig()
     # Trainer configuration.
     trainer_cfg: TrainerConfig = TrainerConfig()
+    # Simulator evaluation during training (off unless --eval-cfg.eval-every N).
+    eval_cfg: EvalConfig = EvalConfig()
     # Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"
     # Start from this saved config file (JSON); flags given as well override it.

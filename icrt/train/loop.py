@@ -179,6 +179,8 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
     scaler = torch.amp.GradScaler("cuda") if tcfg.precision == "16-mixed" else None
     params = [p for p in model.parameters() if p.requires_grad]
     start_epoch, step = 0, 0
+    best_success = -1.0
+    ecfg = cfg.eval_cfg
     if resume is not None:
         state = resume.train_state()
         if state is None:
@@ -187,6 +189,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        best_success = float(state.get("best_success", -1.0))
         torch.set_rng_state(state["rng_torch"])
         log.info("resuming from %s at epoch %d", resume.path, start_epoch)
     logger = RunLogger(cfg, run_dir, enabled=info.is_main)
@@ -261,7 +264,9 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
         last_epoch = epoch + 1 == tcfg.epochs
-        if (epoch + 1) % scfg.save_every == 0 or last_epoch:
+        evaluate_now = ecfg.eval_every > 0 and ((epoch + 1) % ecfg.eval_every == 0 or last_epoch)
+        if (epoch + 1) % scfg.save_every == 0 or last_epoch or evaluate_now:
+            ckpt_dir = run_dir / f"checkpoint-{epoch}"
             if info.is_main:
                 state = {
                     "epoch": epoch,
@@ -269,12 +274,42 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng_torch": torch.get_rng_state(),
+                    "best_success": best_success,
                 }
-                save_checkpoint(run_dir / f"checkpoint-{epoch}", model, cfg,
-                                train_ds.normalizer, state)
+                save_checkpoint(ckpt_dir, model, cfg, train_ds.normalizer, state)
+                if evaluate_now:
+                    best_success = _evaluate_checkpoint(ckpt_dir, epoch, step, cfg, model,
+                                                        train_ds, logger, best_success, progress)
             dist.barrier()
     logger.close()
     return run_dir
+
+
+def _evaluate_checkpoint(ckpt_dir: Path, epoch: int, step: int, cfg: ExperimentConfig,
+                         model: ICRTPolicy, train_ds: SequenceDataset, logger: RunLogger,
+                         best_success: float, progress: bool) -> float:
+    """Simulator evaluation of a fresh checkpoint; keeps RUN/best/ by mean success rate."""
+    import dataclasses
+    import json
+
+    from icrt.eval.rollout import evaluate, format_table
+
+    run_dir = ckpt_dir.parent
+    ecfg = dataclasses.replace(cfg.eval_cfg, checkpoint=str(ckpt_dir),
+                               out=str(run_dir / "eval" / f"epoch-{epoch}.json"))
+    results = evaluate(ecfg, progress=progress)
+    metrics = {"eval/mean_success": results["mean_success_rate"]}
+    metrics.update({f"eval/success/{t}": r["success_rate"] for t, r in results["tasks"].items()})
+    logger.log(step, metrics, epoch=epoch + 1)
+    log.info("evaluation after epoch %d:\n%s", epoch, format_table(results))
+    if results["mean_success_rate"] > best_success:
+        best_success = results["mean_success_rate"]
+        best = save_checkpoint(run_dir / "best", model, cfg, train_ds.normalizer)
+        summary = {"epoch": epoch, "step": step, "mean_success_rate": best_success,
+                   "tasks": results["tasks"], "source": ckpt_dir.name}
+        (best / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+        log.info("new best checkpoint (mean success %.1f%%) in %s", 100 * best_success, best)
+    return best_success
 
 
 def run_metrics(run_dir: Path) -> list[dict[str, Any]]:

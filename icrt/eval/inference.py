@@ -1,0 +1,293 @@
+"""Prompted acting with a KV cache: what runs on a robot or in a simulator.
+
+    policy = InContextPolicy.from_checkpoint("runs/mw5/checkpoint-99")
+    policy.prompt(demos)          # episodes {obs keys..., "action": (T, A)}; prefilled once
+    obs = env.reset(seed)
+    while not done:
+        action = policy.act(obs)  # one state token through the cache -> chunk -> one action
+        obs, reward, done, info = env.step(action)
+    policy.reset()                # next episode, same prompt (the prompt's cache is kept)
+
+Every timestep contributes a state token and, once the action is executed, an action token;
+``act`` appends the previous action's token and the new state token in one cached forward pass.
+
+Chunk execution: ``ensemble`` (default) predicts a chunk every step and executes the
+exponentially weighted average of all predictions for the current step, oldest weighted most
+(ACT's temporal ensembling, weight exp(-decay * i)); ``open_loop`` executes k actions of a chunk
+before predicting again (tokens are still appended every step).
+
+Context overflow: the backbone holds ``2 * seq_length`` tokens (the training context). When the
+next tokens would not fit, ``overflow="slide"`` (default) keeps the most recent three quarters
+of the context -- dropping the oldest prompt steps first, as training windows also start inside
+a trajectory -- and re-encodes them once; ``overflow="error"`` raises instead. Both the cached
+path and ``use_cache=False`` (full recompute every step) apply the same rule, so they give the
+same actions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from icrt.data.transforms import from_delta_action, rotated_dim, rotation_from_6d, rotation_to_6d
+from icrt.errors import UserError
+from icrt.models.policy import ICRTPolicy
+from icrt.train.checkpoint import Checkpoint, load_policy
+
+log = logging.getLogger(__name__)
+
+Execution = Literal["ensemble", "open_loop"]
+
+
+class InContextPolicy:
+    def __init__(
+        self,
+        model: ICRTPolicy,
+        checkpoint: Checkpoint,
+        device: str | torch.device = "cpu",
+        *,
+        execution: Execution = "ensemble",
+        open_loop_steps: int | None = None,
+        ensemble_decay: float = 0.01,
+        deterministic: bool = False,
+        overflow: Literal["slide", "error"] = "slide",
+        use_cache: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.model = model.eval()
+        self.spec = model.spec
+        self.normalizer = checkpoint.normalizer
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        if execution not in ("ensemble", "open_loop"):
+            raise UserError(f"Unknown chunk execution '{execution}'; use ensemble or open_loop.")
+        K = self.spec.num_pred_steps
+        self.execution = execution
+        self.open_loop_steps = K if open_loop_steps is None else int(open_loop_steps)
+        if not 1 <= self.open_loop_steps <= K:
+            raise UserError(f"open_loop_steps must be in 1..{K} (the chunk length).")
+        self.ensemble_decay = float(ensemble_decay)
+        self.deterministic = deterministic
+        self.overflow = overflow
+        self.use_cache = use_cache
+        self.max_tokens = 2 * self.spec.max_timesteps
+        self._cache = model.backbone.new_cache(1, self.max_tokens, device=self.device) if (
+            use_cache) else None
+        self._generator = torch.Generator(device=self.device)
+        self._action_meta = self.spec.key_meta.get(self.spec.action_keys[0], {}) if (
+            self.spec.action_keys) else {}
+        self._prompt_tokens: list[torch.Tensor] = []
+        self.reset(seed)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", **options: Any
+    ) -> InContextPolicy:
+        """Load a checkpoint directory (or a run directory's latest checkpoint)."""
+        model, ckpt = load_policy(path, device)
+        return cls(model, ckpt, device, **options)
+
+    # ------------------------------------------------------------------ episode control
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new query episode with the same prompt; optionally re-seed sampling."""
+        if seed is not None:
+            self._generator.manual_seed(int(seed))
+        self._tokens: list[torch.Tensor] = list(self._prompt_tokens)  # (D,) each: s0 a0 s1 ...
+        self._offset = 0  # context = self._tokens[self._offset:]
+        if len(self._tokens) > self.max_tokens:
+            self._offset = self._slide_offset(len(self._tokens))
+        if self._cache is not None:
+            self._cache.reset()
+            self._forward_pending()
+        self._t = 0
+        self._pending_action: np.ndarray | None = None  # raw action returned, token not yet in
+        self._predictions: list[tuple[int, np.ndarray]] = []  # (step, absolute chunk (K, A'))
+        self._queue: list[np.ndarray] = []
+
+    def prompt(self, demos: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Set the demonstrations shown before every query episode and prefill the cache.
+
+        Each demo holds the checkpoint's observation keys and its action key(s) as (T, ...)
+        arrays (e.g. ``EpisodeStore.episode(i)``). An empty list means no prompt.
+        """
+        tokens: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i, demo in enumerate(demos):
+                self._check_keys(demo, f"prompt demonstration {i}", need_action=True)
+                T = len(demo[self.spec.action_keys[0]])
+                obs = self._obs_tensors(demo, T)
+                raw = np.concatenate(
+                    [np.asarray(demo[k], np.float32).reshape(T, -1) for k in self.spec.action_keys],
+                    axis=-1)
+                actions = self._action_inputs(raw, native=True)
+                s = self.model.state_tokens(obs)  # (1, T, D)
+                a = self.model.action_tokens(actions)  # (1, T, D)
+                tokens += list(self.model.interleave(s, a)[0])
+        if len(tokens) > self.max_tokens:
+            log.warning("the prompt has %d tokens but the context holds %d; keeping the most "
+                        "recent ones", len(tokens), self.max_tokens)
+        self._prompt_tokens = tokens
+        self.reset()
+
+    # ------------------------------------------------------------------ acting
+
+    @torch.no_grad()
+    def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The action for observation ``obs`` (raw units, as the environment expects)."""
+        self._check_keys(obs, "the observation", need_action=False)
+        if self._pending_action is not None:
+            token = self.model.action_tokens(
+                self._action_inputs(self._pending_action[None], native=False))
+            self._tokens.append(token[0, 0])
+        state = self.model.state_tokens(self._obs_tensors(obs, None))  # (1, 1, D)
+        self._tokens.append(state[0, 0])
+        hidden = self._context_hidden()  # (D,) feature at the new state token
+        need_chunk = self.execution == "ensemble" or not self._queue
+        if need_chunk:
+            chunk = self.model.predict_chunk(hidden[None], generator=self._generator,
+                                             deterministic=self.deterministic)[0]  # (K, A)
+            absolute = self._absolute_chunk(chunk.float().cpu().numpy(), obs)
+            if self.execution == "ensemble":
+                self._predictions.append((self._t, absolute))
+            else:
+                self._queue = list(absolute[: self.open_loop_steps])
+        if self.execution == "ensemble":
+            action = self._ensembled(self._t)
+        else:
+            action = self._queue.pop(0)
+        self._pending_action = action
+        self._t += 1
+        return self._to_env_action(action)
+
+    # ------------------------------------------------------------------ context
+
+    def _slide_offset(self, n_tokens: int) -> int:
+        """Where the context starts after a slide: the last 3/4 of it, at a state token."""
+        if self.overflow == "error":
+            raise UserError(
+                f"The context of {n_tokens} tokens exceeds this policy's {self.max_tokens} "
+                f"(2 x --shared-cfg.seq-length); use a shorter prompt or overflow='slide'."
+            )
+        keep = (3 * self.max_tokens // 4) // 2 * 2
+        return (n_tokens - keep) // 2 * 2
+
+    def _context_hidden(self) -> torch.Tensor:
+        if len(self._tokens) - self._offset > self.max_tokens:
+            self._offset = self._slide_offset(len(self._tokens))
+            if self._cache is not None:
+                self._cache.reset()
+        if self._cache is None:  # reference path: full recompute of the context
+            x = torch.stack(self._tokens[self._offset:])[None]
+            return self.model.backbone(x)[0, -1]
+        return self._forward_pending()
+
+    def _forward_pending(self) -> torch.Tensor | None:
+        start = self._offset + self._cache.length
+        if start >= len(self._tokens):
+            return None
+        x = torch.stack(self._tokens[start:])[None]  # (1, n_new, D)
+        return self.model.backbone(x, cache=self._cache)[0, -1]
+
+    # ------------------------------------------------------------------ conversions
+
+    def _check_keys(self, data: Mapping[str, Any], what: str, need_action: bool) -> None:
+        keys = list(self.spec.proprio_keys) + list(self.spec.camera_keys)
+        if self.checkpoint.config.model_cfg.vision_encoder_cfg.use_cached_features:
+            keys = list(self.spec.proprio_keys) + [
+                "feature_" + k.removeprefix("image_") for k in self.spec.camera_keys]
+        if need_action:
+            keys += list(self.spec.action_keys)
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise UserError(
+                f"{what[0].upper() + what[1:]} lacks key(s) {', '.join(missing)} that the policy "
+                f"was trained on (it has {', '.join(sorted(data))})."
+            )
+
+    def _proprio_inputs(self, data: Mapping[str, np.ndarray], T: int) -> np.ndarray:
+        parts = []
+        for k in self.spec.proprio_keys:
+            x = np.asarray(data[k], np.float32).reshape(T, -1)
+            rot = self.spec.key_meta.get(k, {}).get("rotation")
+            if self.spec.rot_6d and rot is not None:
+                x = rotation_to_6d(x, rot)
+            parts.append(x)
+        if not parts:
+            return np.zeros((T, 0), np.float32)
+        return np.concatenate(parts, axis=-1)
+
+    def _obs_tensors(
+        self, data: Mapping[str, np.ndarray], T: int | None
+    ) -> dict[str, torch.Tensor]:
+        """(T, ...) arrays (or one step when T is None) -> (1, T, ...) model inputs."""
+        single = T is None
+        n = 1 if single else T
+        raw = self._proprio_inputs({k: np.asarray(data[k])[None] if single else data[k]
+                                    for k in self.spec.proprio_keys}, n)
+        if single:
+            self._current_proprio = raw[0]
+        out = {"proprio": torch.from_numpy(self.normalizer.normalize("proprio", raw))[None]}
+        for k in self.spec.camera_keys:
+            key = k
+            if self.checkpoint.config.model_cfg.vision_encoder_cfg.use_cached_features:
+                key = "feature_" + k.removeprefix("image_")
+            x = torch.as_tensor(np.asarray(data[key]))
+            out[key] = (x[None] if single else x)[None]
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def _action_inputs(self, actions: np.ndarray, native: bool) -> torch.Tensor:
+        """(T, A) actions -> (1, T, A') normalised action-token inputs. ``native`` actions carry
+        rotations in the store's format; others are already in the 6D layout."""
+        x = np.asarray(actions, np.float32)
+        rot = self._action_meta.get("rotation")
+        if native and self.spec.rot_6d and rot is not None:
+            x = rotation_to_6d(x, rot)
+        x = self.normalizer.normalize("action", x)
+        return torch.from_numpy(x)[None].to(self.device)
+
+    def _absolute_chunk(self, chunk: np.ndarray, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Normalised (K, A') prediction -> absolute actions in the 6D-rotation layout."""
+        x = self.normalizer.unnormalize("action", chunk)
+        if self.spec.use_delta_action:
+            ref = self._action_meta["delta_reference"]
+            pos = int(ref.get("pos_dims", 3))
+            rot = self._action_meta.get("rotation") if self.spec.rot_6d else None
+            cur = np.zeros_like(x)
+            offset = self._proprio_offset(ref["key"])
+            proprio = self._current_proprio[offset:]
+            cur[:, :pos] = proprio[:pos]
+            if rot is not None:
+                prot = self.spec.key_meta[ref["key"]]["rotation"]
+                cur[:, rot["start"]: rot["start"] + 6] = proprio[prot["start"]: prot["start"] + 6]
+            x = from_delta_action(x, cur, pos, None if rot is None else int(rot["start"]))
+        return x.astype(np.float32)
+
+    def _proprio_offset(self, key: str) -> int:
+        offset = 0
+        for k in self.spec.proprio_keys:
+            if k == key:
+                return offset
+            meta = self.spec.key_meta.get(k, {})
+            dim = int(np.prod(meta.get("shape", [0])))
+            offset += rotated_dim(dim, meta.get("rotation") if self.spec.rot_6d else None)
+        raise UserError(f"Delta actions refer to '{key}', which is not a proprio key.")
+
+    def _ensembled(self, t: int) -> np.ndarray:
+        K = self.spec.num_pred_steps
+        self._predictions = [(s, c) for s, c in self._predictions if t - s < K]
+        preds = np.stack([c[t - s] for s, c in self._predictions])  # oldest first
+        w = np.exp(-self.ensemble_decay * np.arange(len(preds)))
+        return (w[:, None] * preds).sum(0) / w.sum()
+
+    def _to_env_action(self, action: np.ndarray) -> np.ndarray:
+        rot = self._action_meta.get("rotation")
+        if self.spec.rot_6d and rot is not None:
+            action = rotation_from_6d(action[None], rot)[0]
+        return action.astype(np.float32)
+

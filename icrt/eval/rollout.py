@@ -1,0 +1,302 @@
+"""Prompted rollouts of a checkpoint in a simulator -> a results dict (and JSON, videos).
+
+    results = evaluate(EvalConfig(checkpoint="runs/mw5", prompt_dataset="data/mw5_prompts.json"))
+    print(format_table(results))
+
+Each episode of a task is prompted with ``num_prompts`` demonstrations of that task drawn from
+the held-out prompt dataset (never an episode of the checkpoint's training split) and runs until
+the simulator reports success or the step limit. Episodes run in worker processes; everything
+random about an episode (simulator seed, prompt choice, action sampling) derives from
+(seed, task, episode index), so results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icrt.config import EvalConfig
+from icrt.data.spec import DatasetSpec
+from icrt.data.store import EpisodeStore
+from icrt.envs.base import check_tasks, episode_seed, make_env
+from icrt.errors import UserError
+from icrt.train.checkpoint import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Episode:
+    checkpoint: str
+    env: str
+    task: str
+    index: int
+    seed: int
+    prompts: tuple[tuple[str, int], ...]  # (store path, episode index)
+    env_kwargs: tuple[tuple[str, Any], ...]
+    policy_kwargs: tuple[tuple[str, Any], ...]
+    video: str | None
+
+
+# Per worker process: the loaded policy, simulators per task and open prompt stores.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(threads: int) -> None:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+
+
+def run_episode(job: _Episode) -> dict[str, Any]:
+    """One prompted episode in this process (workers call it; so can tests)."""
+    from icrt.eval.inference import InContextPolicy
+
+    key = (job.checkpoint, job.policy_kwargs)
+    if _WORKER.get("policy_key") != key:
+        _WORKER["policy"] = InContextPolicy.from_checkpoint(job.checkpoint,
+                                                            **dict(job.policy_kwargs))
+        _WORKER["policy_key"] = key
+    policy = _WORKER["policy"]
+    envs = _WORKER.setdefault("envs", {})
+    env_key = (job.env, job.task, job.env_kwargs)
+    if env_key not in envs:
+        envs[env_key] = make_env(job.env, job.task, **dict(job.env_kwargs))
+    env = envs[env_key]
+    stores = _WORKER.setdefault("stores", {})
+    demos = []
+    for path, index in job.prompts:
+        if path not in stores:
+            stores[path] = EpisodeStore.open(path)
+        demos.append(stores[path].episode(index))
+    t0 = time.perf_counter()
+    policy.prompt(demos)
+    policy.reset(seed=job.seed)
+    obs = env.reset(job.seed)
+    frames = [env.render()] if job.video else []
+    success, total, steps = False, 0.0, 0
+    while steps < env.max_steps:
+        obs, reward, done, info = env.step(policy.act(obs))
+        steps += 1
+        total += reward
+        if job.video:
+            frames.append(env.render())
+        if info["success"]:
+            success = True
+            break
+        if done:
+            break
+    if job.video:
+        _write_video(Path(job.video), frames, fps=min(30.0, getattr(env, "fps", 30.0)))
+    return {
+        "task": job.task,
+        "index": job.index,
+        "seed": job.seed,
+        "success": success,
+        "return": total,
+        "length": steps,
+        "seconds": time.perf_counter() - t0,
+        "prompts": [list(p) for p in job.prompts],
+        "video": job.video,
+    }
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    imageio.mimsave(tmp, frames, fps=fps, macro_block_size=1)
+    tmp.replace(path)
+
+
+def _training_episodes(checkpoint: Path) -> set[tuple[str, int]]:
+    """(resolved store path, episode index) of the checkpoint's training split, if recorded."""
+    split = checkpoint.parent / "split.json"
+    if not split.is_file():
+        return set()
+    body = json.loads(split.read_text())
+    return {(str(Path(s).resolve()), int(i)) for s, i in body.get("train", [])}
+
+
+def _prompt_pool(cfg: EvalConfig, tasks: list[str], keys: list[str],
+                 exclude: set[tuple[str, int]]) -> dict[str, list[tuple[str, int]]]:
+    """Successful held-out demonstrations per task, never from the training split."""
+    spec = DatasetSpec.load(cfg.prompt_dataset)
+    pool: dict[str, list[tuple[str, int]]] = {t: [] for t in tasks}
+    for path in spec.stores:
+        store = EpisodeStore.open(path)
+        for k in keys:
+            store.key_info(k)  # one sentence naming store and key if it is missing
+        resolved = str(Path(path).resolve())
+        names = store.episode_task_names
+        for i in range(store.num_episodes):
+            if names[i] in pool and store.episode_success[i] and (resolved, i) not in exclude:
+                pool[names[i]].append((str(path), i))
+    for task, eps in pool.items():
+        if len(eps) < cfg.num_prompts:
+            raise UserError(
+                f"Prompt dataset '{cfg.prompt_dataset}' has {len(eps)} held-out successful "
+                f"episode(s) of '{task}' but --num-prompts is {cfg.num_prompts}."
+            )
+    return pool
+
+
+def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
+    """Validate the evaluation against the checkpoint and list its episodes."""
+    if not cfg.checkpoint:
+        raise UserError("Give the checkpoint to evaluate with --checkpoint DIR.")
+    ckpt = read_checkpoint(cfg.checkpoint)
+    spec = ckpt.spec
+    env_name = cfg.env or spec.env.get("name")
+    if not env_name:
+        raise UserError(f"Checkpoint '{ckpt.path}' does not record its simulator; pass --env.")
+    tasks = list(cfg.tasks or spec.tasks)
+    check_tasks(env_name, tasks)
+    cameras = tuple(k.removeprefix("image_") for k in spec.camera_keys)
+    env_kwargs: dict[str, Any] = {"cameras": cameras,
+                                  "image_size": spec.image_shape[0] if spec.image_shape else 0}
+    if cfg.max_steps is not None:
+        env_kwargs["max_steps"] = cfg.max_steps
+    _check_env_matches(env_name, tasks[0], env_kwargs, spec, ckpt.path)
+    if cfg.no_prompt:
+        pool: dict[str, list] = {t: [] for t in tasks}
+    else:
+        if not cfg.prompt_dataset:
+            raise UserError("Give held-out demonstrations with --prompt-dataset D.json, or "
+                            "evaluate without prompts with --no-prompt.")
+        keys = [*spec.proprio_keys, *spec.action_keys, *spec.camera_keys]
+        pool = _prompt_pool(cfg, tasks, keys, _training_episodes(ckpt.path))
+    policy_kwargs = (("execution", cfg.execution), ("open_loop_steps", cfg.open_loop_steps),
+                     ("ensemble_decay", cfg.ensemble_decay),
+                     ("deterministic", cfg.deterministic))
+    jobs = []
+    for task in tasks:
+        for i in range(cfg.episodes_per_task):
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode()), i, 3])
+            chosen = () if cfg.no_prompt else tuple(
+                pool[task][j] for j in rng.choice(len(pool[task]), cfg.num_prompts, replace=False)
+            )
+            video = None
+            if cfg.video_dir and i < cfg.videos_per_task:
+                tag = "noprompt" if cfg.no_prompt else f"{cfg.num_prompts}prompt"
+                video = str(Path(cfg.video_dir) / f"{task}_{tag}_ep{i:03d}.mp4")
+            jobs.append(_Episode(str(ckpt.path), env_name, task, i,
+                                 episode_seed(cfg.seed, "eval", task, i), chosen,
+                                 tuple(sorted(env_kwargs.items())), policy_kwargs, video))
+    meta = {"checkpoint": str(ckpt.path), "env": env_name, "tasks": tasks}
+    return jobs, meta
+
+
+def _check_env_matches(env_name: str, task: str, env_kwargs: dict, spec: Any, path: Path) -> None:
+    """The checkpoint's observation and action layout must be what the simulator produces."""
+    env = make_env(env_name, task, **env_kwargs)
+    try:
+        obs = env.reset(0)
+        missing = [k for k in (*spec.proprio_keys, *spec.camera_keys) if k not in obs]
+        if missing:
+            raise UserError(
+                f"Checkpoint '{path}' was trained on observation key(s) {', '.join(missing)}, "
+                f"which {env_name} does not provide (it has {', '.join(sorted(obs))})."
+            )
+        for k in spec.proprio_keys:
+            want = spec.key_meta.get(k, {}).get("shape")
+            if want is not None and list(np.shape(obs[k])) != list(want):
+                raise UserError(
+                    f"Checkpoint '{path}' expects '{k}' of shape {tuple(want)} but {env_name} "
+                    f"gives {np.shape(obs[k])}."
+                )
+        action_shape = spec.key_meta.get(spec.action_keys[0], {}).get("shape", [])
+        raw_dim = int(np.prod(action_shape)) if action_shape else spec.action_dim
+        if raw_dim != env.action_dim:
+            raise UserError(
+                f"Checkpoint '{path}' predicts {raw_dim}-D actions but {env_name} '{task}' "
+                f"takes {env.action_dim}-D actions."
+            )
+    finally:
+        env.close()
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every episode and summarise per task (the results JSON of docs/eval.md)."""
+    from tqdm import tqdm
+
+    jobs, meta = plan_episodes(cfg)
+    t0 = time.perf_counter()
+    episodes: list[dict[str, Any]] = []
+    desc = "eval (no prompt)" if cfg.no_prompt else f"eval ({cfg.num_prompts} prompt)"
+    bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress)
+    if cfg.workers == 1:
+        _worker_init(cfg.threads_per_worker)
+        for job in jobs:
+            episodes.append(run_episode(job))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"),
+                                 initializer=_worker_init,
+                                 initargs=(cfg.threads_per_worker,)) as pool:
+            futures = [pool.submit(run_episode, j) for j in jobs]
+            for f in as_completed(futures):
+                episodes.append(f.result())
+                done = sum(e["success"] for e in episodes)
+                bar.update(1)
+                bar.set_postfix(success=f"{done}/{len(episodes)}")
+    bar.close()
+    episodes.sort(key=lambda e: (meta["tasks"].index(e["task"]), e["index"]))
+    per_task = {}
+    for task in meta["tasks"]:
+        eps = [e for e in episodes if e["task"] == task]
+        per_task[task] = {
+            "success_rate": float(np.mean([e["success"] for e in eps])),
+            "episodes": len(eps),
+            "mean_return": float(np.mean([e["return"] for e in eps])),
+            "mean_length": float(np.mean([e["length"] for e in eps])),
+        }
+    results = {
+        "checkpoint": meta["checkpoint"],
+        "env": meta["env"],
+        "num_prompts": 0 if cfg.no_prompt else cfg.num_prompts,
+        "no_prompt": cfg.no_prompt,
+        "prompt_dataset": None if cfg.no_prompt else cfg.prompt_dataset,
+        "episodes_per_task": cfg.episodes_per_task,
+        "seed": cfg.seed,
+        "tasks": per_task,
+        "mean_success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
+        "wall_seconds": time.perf_counter() - t0,
+        "config": asdict(cfg),
+        "episodes": episodes,
+    }
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(out)
+    return results
+
+
+def format_table(results: dict[str, Any], title: str | None = None) -> str:
+    """Markdown table of per-task success (and the mean)."""
+    label = "no prompt" if results.get("no_prompt") else f"{results['num_prompts']} prompt(s)"
+    lines = [f"**{title or results['env']}** ({label}, {results['episodes_per_task']} episodes "
+             f"per task)", "",
+             "| task | success | mean length | mean return |", "| --- | ---: | ---: | ---: |"]
+    for task, r in results["tasks"].items():
+        lines.append(f"| {task} | {100 * r['success_rate']:.0f}% | {r['mean_length']:.0f} | "
+                     f"{r['mean_return']:.1f} |")
+    lines.append(f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | | |")
+    return "\n".join(lines)

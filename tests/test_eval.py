@@ -1,0 +1,159 @@
+"""Simulator evaluation: results JSON, held-out prompts, videos, errors, eval during training."""
+
+import json
+import shutil
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from helpers import make_reach_dataset
+from test_train import tiny_args
+
+from icrt.config import CollectConfig, EvalConfig, parse_config
+from icrt.data.collect import collect
+from icrt.data.store import EpisodeStore
+from icrt.errors import UserError
+from icrt.eval.rollout import evaluate, format_table
+from icrt.train.loop import run_metrics, train
+
+pytestmark = pytest.mark.sim
+
+TASKS = ("reach-v3", "button-press-topdown-v3")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    collect(CollectConfig(tasks=TASKS, episodes_per_task=3, prompt_episodes_per_task=2,
+                          out=str(root / "mw.zarr"), workers=1, train_split=0.67),
+            progress=False)
+    run = train(parse_config(tiny_args(root / "mw.json", root / "run", "--trainer-cfg.epochs",
+                                       "1", "--shared-cfg.seq-length", "96")), progress=False)
+    return root, run
+
+
+def _cfg(root, run, **kw):
+    base = dict(checkpoint=str(run), prompt_dataset=str(root / "mw_prompts.json"),
+                episodes_per_task=2, workers=1, max_steps=15)
+    return EvalConfig(**{**base, **kw})
+
+
+def test_eval_writes_valid_results_json(trained, tmp_path):
+    root, run = trained
+    out = tmp_path / "results.json"
+    results = evaluate(_cfg(root, run, out=str(out)), progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["env"] == "metaworld" and saved["num_prompts"] == 1
+    assert saved["checkpoint"].endswith("checkpoint-0")
+    assert set(saved["tasks"]) == set(TASKS)
+    for r in saved["tasks"].values():
+        assert set(r) == {"success_rate", "episodes", "mean_return", "mean_length"}
+        assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
+        assert 1 <= r["mean_length"] <= 15
+    assert 0.0 <= saved["mean_success_rate"] <= 1.0 and saved["wall_seconds"] > 0
+    assert len(saved["episodes"]) == 4
+    prompts = EpisodeStore.open(root / "mw_prompts.zarr")
+    for ep in saved["episodes"]:
+        (store, index), = ep["prompts"]
+        assert store.endswith("mw_prompts.zarr")
+        assert prompts.episode_task_names[index] == ep["task"]  # a prompt of the same task
+    assert "| reach-v3 |" in format_table(results)
+
+
+def test_prompts_never_come_from_the_training_split(trained):
+    root, run = trained
+    # prompting from the training store: only its validation episodes may be used
+    results = evaluate(_cfg(root, run, prompt_dataset=str(root / "mw.json"),
+                            episodes_per_task=3), progress=False)
+    split = json.loads((run / "split.json").read_text())
+    train_eps = {(s.split("/")[-1], i) for s, i in split["train"]}
+    used = {(s.split("/")[-1], i) for e in results["episodes"] for s, i in e["prompts"]}
+    assert used and not used & train_eps
+    with pytest.raises(UserError, match="held-out successful episode"):
+        evaluate(_cfg(root, run, prompt_dataset=str(root / "mw.json"), num_prompts=2),
+                 progress=False)
+    # evaluation seeds come from their own stream: no prompt or training episode repeats
+    seeds = {e["seed"] for e in results["episodes"]}
+    stored = set(EpisodeStore.open(root / "mw.zarr").episode_seed.tolist())
+    stored |= set(EpisodeStore.open(root / "mw_prompts.zarr").episode_seed.tolist())
+    assert not seeds & stored
+
+
+def test_videos_no_prompt_and_worker_independence(trained, tmp_path):
+    root, run = trained
+    videos = tmp_path / "videos"
+    one = evaluate(_cfg(root, run, no_prompt=True, video_dir=str(videos)), progress=False)
+    assert one["num_prompts"] == 0 and all(not e["prompts"] for e in one["episodes"])
+    files = sorted(p.name for p in videos.iterdir())
+    assert files == ["button-press-topdown-v3_noprompt_ep000.mp4", "reach-v3_noprompt_ep000.mp4"]
+    frames = imageio.mimread(videos / files[0])
+    assert len(frames) >= 2 and frames[0].ndim == 3
+    two = evaluate(_cfg(root, run, no_prompt=True, workers=2), progress=False)
+    strip = [{k: e[k] for k in ("task", "index", "success", "length", "return")}
+             for e in two["episodes"]]
+    assert strip == [{k: e[k] for k in ("task", "index", "success", "length", "return")}
+                     for e in one["episodes"]]
+
+
+def test_mismatched_checkpoint_fails_clearly(trained, tmp_path):
+    root, _ = trained
+    data = make_reach_dataset(tmp_path)  # 3-D "state", 2-D actions
+    other = train(parse_config(tiny_args(data, tmp_path / "run", "--trainer-cfg.epochs", "1")),
+                  progress=False)
+    with pytest.raises(UserError, match=r"expects 'state' of shape \(3,\) but metaworld"):
+        evaluate(_cfg(root, other, env="metaworld", tasks=("reach-v3",)), progress=False)
+    with pytest.raises(UserError, match="does not record its simulator|Unknown environment"):
+        evaluate(_cfg(root, other, tasks=("reach-v3",)), progress=False)
+    with pytest.raises(UserError, match="--prompt-dataset"):
+        evaluate(_cfg(root, trained[1], prompt_dataset=None), progress=False)
+
+
+def test_eval_during_training_keeps_best(trained, tmp_path):
+    root, _ = trained
+    run = tmp_path / "run"
+    cfg = parse_config(tiny_args(root / "mw.json", run, "--trainer-cfg.epochs", "2",
+                                 "--shared-cfg.seq-length", "96", "--shared-cfg.save-every", "5",
+                                 "--eval-cfg.eval-every", "1", "--eval-cfg.prompt-dataset",
+                                 root / "mw_prompts.json", "--eval-cfg.episodes-per-task", "1",
+                                 "--eval-cfg.workers", "1", "--eval-cfg.max-steps", "10"))
+    train(cfg, progress=False)
+    assert (run / "best" / "model.safetensors").is_file()
+    best = json.loads((run / "best" / "eval.json").read_text())
+    assert best["source"] in ("checkpoint-0", "checkpoint-1")
+    assert (run / "checkpoint-0").is_dir() and (run / "eval" / "epoch-1.json").is_file()
+    logged = [r for r in run_metrics(run) if "eval/mean_success" in r]
+    assert len(logged) == 2 and all(0 <= r["eval/success/reach-v3"] <= 1 for r in logged)
+    assert best["mean_success_rate"] == max(r["eval/mean_success"] for r in logged)
+    shutil.rmtree(run)
+
+
+def test_results_reflect_actual_success(trained, tmp_path, monkeypatch):
+    """A policy that replays Meta-World's expert must score; guards against a stuck counter."""
+    root, run = trained
+    import icrt.eval.inference as inference
+    from icrt.envs.metaworld import MetaWorldExpert
+
+    experts = {}
+
+    def expert_act(self, obs):
+        env = self._env_for_test
+        key = env.task
+        experts.setdefault(key, MetaWorldExpert(key))
+        return experts[key].act(env, obs)
+
+    from icrt.eval import rollout
+
+    original = rollout.make_env
+
+    def make_env(*a, **k):
+        env = original(*a, **k)
+        inference.InContextPolicy._env_for_test = env
+        return env
+
+    monkeypatch.setattr(rollout, "make_env", make_env)
+    monkeypatch.setattr(inference.InContextPolicy, "act", expert_act)
+    rollout._WORKER.clear()
+    results = evaluate(_cfg(root, run, tasks=("reach-v3",), max_steps=150), progress=False)
+    rollout._WORKER.clear()
+    assert results["tasks"]["reach-v3"]["success_rate"] == 1.0
+    assert np.mean([e["length"] for e in results["episodes"]]) < 150
