@@ -51,7 +51,7 @@ _META = {
     "episode_source": np.int8,
     "episode_seed": np.int64,
 }
-# Rows per chunk for low-dim keys; image keys use ~4 MB chunks.
+# Rows per chunk for low-dim keys; image and feature keys use ~4 MB chunks.
 _LOWDIM_CHUNK = 4096
 _IMAGE_CHUNK_BYTES = 4 << 20
 # Quantile statistics are estimated from at most this many rows per key.
@@ -323,11 +323,12 @@ class EpisodeStore:
         return out
 
     def compute_stats(self, keys: Sequence[str] | None = None) -> None:
-        """Compute and store statistics of every non-image key (on close, or on demand)."""
+        """Compute and store statistics of the low-dim and action keys (on close, or on demand)."""
         self._check_writable()
         if self.num_steps == 0:
             return
-        keys = [k for k in (keys or self.keys) if self.key_info(k)["kind"] != "image"]
+        keys = [k for k in (keys or self.keys)
+                if self.key_info(k)["kind"] not in ("image", "feature")]
         stats = dict(self._attrs.get("stats", {}))
         for k in keys:
             stats[k] = compute_stats(self.load(k))
@@ -364,7 +365,7 @@ class EpisodeStore:
     def _create_key(self, key: str, value: np.ndarray) -> None:
         kind = key_kind(key)
         step_shape = tuple(value.shape[1:])
-        if kind == "image":
+        if kind in ("image", "feature"):  # large rows: chunks of about 4 MB
             frame = max(1, int(np.prod(step_shape)) * value.dtype.itemsize)
             rows = max(1, min(256, _IMAGE_CHUNK_BYTES // frame))
         else:
