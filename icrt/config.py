@@ -152,8 +152,9 @@ class PolicyConfig:
     scale_loss: float = 1.0
     # Loss weight of the first --dataset-cfg.num-weighted-steps steps of each trajectory.
     step_weight: float = 1.0
-    # Action head: mlp (L1/L2 regression), gmm (mixture), diffusion (DDPM/DDIM), flow.
-    decoder_pred_head: Literal["mlp", "gmm", "diffusion", "flow"] = "mlp"
+    # Action head, a name in icrt.models.heads.HEADS: mlp (L1/L2 regression), gmm (Gaussian
+    # mixture), diffusion (DDPM/DDIM), flow (flow matching).
+    decoder_pred_head: str = "mlp"
     # Hidden width of the action head.
     head_hidden_dim: int = 256
     # Hidden layers of the action head.
@@ -170,6 +171,8 @@ class PolicyConfig:
     diffusion_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = (
         "squaredcos_cap_v2"
     )
+    # Denoised action chunks are clipped to +-this value at every sampling step.
+    diffusion_clip_sample: float = 3.0
     # What the diffusion network predicts.
     diffusion_prediction_type: Literal["epsilon", "sample"] = "epsilon"
     # Sampler of the diffusion head.
@@ -180,6 +183,8 @@ class PolicyConfig:
     flow_num_steps: int = 10
     # Absolute and relative tolerance of the adaptive dopri5 solver.
     flow_tolerance: float = 1e-4
+    # Recompute backbone activations in the backward pass (less memory, ~30% slower).
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         p = "--model-cfg.policy-cfg."
@@ -193,6 +198,7 @@ class PolicyConfig:
             _positive(getattr(self, name), p + name.replace("_", "-"))
         _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
         _positive(self.flow_tolerance, p + "flow-tolerance")
+        _positive(self.diffusion_clip_sample, p + "diffusion-clip-sample")
         if self.num_inference_diffusion_steps > self.num_train_diffusion_steps:
             raise ValueError(
                 f"{p}num-inference-diffusion-steps ({self.num_inference_diffusion_steps}) must "

@@ -120,9 +120,9 @@ def test_load_config_errors(tmp_path):
     with pytest.raises(UserError, match=r"shared_cfg: unknown field\(s\) colour"):
         load_config(bad)
     data = config_to_dict(ExperimentConfig())
-    data["model_cfg"]["policy_cfg"]["decoder_pred_head"] = "transformer"
+    data["model_cfg"]["policy_cfg"]["phase"] = "midtrain"
     bad.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="decoder_pred_head"):
+    with pytest.raises(UserError, match="phase"):
         load_config(bad)
 
 

@@ -204,9 +204,10 @@ def test_clear_errors(reach_json, tmp_path):
         train(parse_config(tiny_args(reach_json, tmp_path / "a",
                                      "--model-cfg.policy-cfg.scratch-llama-config",
                                      tmp_path / "missing.json")), progress=False)
-    with pytest.raises(SystemExit):  # tyro rejects an unknown head with its choices
-        parse_config(tiny_args(reach_json, tmp_path / "b",
-                               "--model-cfg.policy-cfg.decoder-pred-head", "transformer"))
+    with pytest.raises(UserError, match="Unknown action head 'transformer'; known heads"):
+        train(parse_config(tiny_args(reach_json, tmp_path / "b",
+                                     "--model-cfg.policy-cfg.decoder-pred-head", "transformer")),
+              progress=False)
     # a checkpoint whose action dimension differs from the dataset's
     run = train(parse_config(tiny_args(reach_json, tmp_path / "c", "--trainer-cfg.epochs", "1")),
                 progress=False)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from icrt.config import ModelConfig
 from icrt.models.backbones import build_backbone
 from icrt.models.backbones.pretrained import apply_lora
+from icrt.models.encoders.vision import ObservationEncoder
 from icrt.models.heads import build_head
 
 
@@ -64,19 +65,6 @@ class PolicySpec:
         return cls(**d)
 
 
-class ProprioStateEncoder(nn.Module):
-    """State tokens from low-dim observations alone: a two-layer MLP."""
-
-    def __init__(self, proprio_dim: int, d_model: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(proprio_dim, d_model), nn.GELU(), nn.Linear(d_model, d_model)
-        )
-
-    def forward(self, obs: dict[str, Tensor], train_aug: bool = False) -> Tensor:
-        return self.net(obs["proprio"])  # (B, T, P) -> (B, T, D)
-
-
 class ICRTPolicy(nn.Module):
     def __init__(self, model_cfg: ModelConfig, spec: PolicySpec, vision_aug: bool = False):
         super().__init__()
@@ -89,15 +77,10 @@ class ICRTPolicy(nn.Module):
             apply_lora(self.backbone, cfg.lora_rank, cfg.lora_layer_idxs)
         d = self.backbone.d_model
         self.d_model = d
-        if spec.camera_keys:
-            from icrt.models.encoders.vision import ObservationEncoder
-
-            self.state_encoder: nn.Module = ObservationEncoder(
-                model_cfg.vision_encoder_cfg, cfg, spec.camera_keys, spec.proprio_dim, d,
-                vision_aug,
-            )
-        else:
-            self.state_encoder = ProprioStateEncoder(spec.proprio_dim, d)
+        # low-dim MLP, or cameras pooled with the proprio token (timm loads only with cameras)
+        self.state_encoder = ObservationEncoder(
+            model_cfg.vision_encoder_cfg, cfg, spec.camera_keys, spec.proprio_dim, d, vision_aug
+        )
         self.action_encoder = nn.Sequential(
             nn.Linear(spec.action_dim, d), nn.GELU(), nn.Linear(d, d)
         )
