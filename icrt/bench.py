@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 
 
@@ -106,4 +107,210 @@ def benchmark_backbone_train(
     ref = rows[1]["tokens_per_s"]
     for row in rows:
         row["relative_speed"] = row["tokens_per_s"] / ref
+    return rows
+
+
+# ------------------------------------------------------------------------------- inference
+
+
+def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, action_dim: int,
+                   num_pred_steps: int):
+    """An InContextPolicy with random weights and identity normalisation (no files needed)."""
+    from pathlib import Path
+
+    from icrt.config import ExperimentConfig, ModelConfig, PolicyConfig
+    from icrt.data.transforms import Normalizer, identity_stats
+    from icrt.eval.inference import InContextPolicy
+    from icrt.models.policy import ICRTPolicy, PolicySpec
+    from icrt.train.checkpoint import Checkpoint
+
+    policy_cfg = PolicyConfig(scratch_llama_config=config_path)
+    cfg = ExperimentConfig(model_cfg=ModelConfig(policy_cfg=policy_cfg))
+    spec = PolicySpec(proprio_dim=proprio_dim, action_dim=action_dim,
+                      num_pred_steps=num_pred_steps, max_timesteps=max_timesteps,
+                      proprio_keys=("state",), action_keys=("action",))
+    torch.manual_seed(0)
+    model = ICRTPolicy(cfg.model_cfg, spec)
+    normalizer = Normalizer(
+        stats={"proprio": identity_stats(proprio_dim), "action": identity_stats(action_dim)},
+        modes={"proprio": "none", "action": "none"},
+    )
+    ckpt = Checkpoint(Path("<in memory>"), cfg, spec, normalizer)
+    rng = np.random.default_rng(0)
+
+    def make(use_cache: bool) -> InContextPolicy:
+        return InContextPolicy(model, ckpt, use_cache=use_cache, deterministic=True)
+
+    def demo(steps: int) -> dict:
+        return {"state": rng.normal(size=(steps, proprio_dim)).astype("float32"),
+                "action": rng.uniform(-1, 1, size=(steps, action_dim)).astype("float32")}
+
+    return make, demo, model
+
+
+def benchmark_inference(
+    config_path: str,
+    prompt_tokens: int,
+    steps: int = 30,
+    recompute_steps: int = 3,
+    proprio_dim: int = 39,
+    action_dim: int = 4,
+    num_pred_steps: int = 4,
+) -> dict:
+    """Latency of ``InContextPolicy.act`` with the KV cache vs full recompute of the context.
+
+    The prompt is ``prompt_tokens`` tokens (``prompt_tokens / 2`` demonstration steps); each
+    ``act`` appends the previous action's token and the new state token and decodes a chunk.
+    """
+    prompt_steps = prompt_tokens // 2
+    make, demo, model = _random_policy(config_path, prompt_steps + steps + 8, proprio_dim,
+                                       action_dim, num_pred_steps)
+    prompt = demo(prompt_steps)
+    obs = demo(steps)["state"]
+    out = {"config": config_path, "prompt_tokens": prompt_tokens,
+           "params": sum(p.numel() for p in model.parameters()),
+           "threads": torch.get_num_threads()}
+    for name, use_cache, n in (("cached", True, steps), ("recompute", False, recompute_steps)):
+        policy = make(use_cache)
+        policy.prompt([prompt])
+        for t in range(2):  # warm-up
+            policy.act({"state": obs[t]})
+        policy.reset()
+        times = []
+        for t in range(n):
+            t0 = time.perf_counter()
+            policy.act({"state": obs[t]})
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_ms"] = 1000.0 * float(np.median(times))
+    out["speedup"] = out["recompute_ms"] / out["cached_ms"]
+    out["cached_hz"] = 1000.0 / out["cached_ms"]
+    return out
+
+
+# ------------------------------------------------------------------------------- data loading
+
+
+def _smooth_frames(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([x, y, (x + y) / 2], -1)[None]  # (1, H, W, 3)
+    phase = rng.uniform(0, 1, size=(n, 1, 1, 3))
+    noise = rng.normal(0, 0.03, size=(n, size, size, 3))
+    return (255 * np.clip(0.5 + 0.5 * np.sin(6 * (base + phase)) + noise, 0, 1)).astype(np.uint8)
+
+
+def benchmark_data(
+    folder: str,
+    episodes: int = 30,
+    steps: int = 100,
+    image_size: int = 96,
+    seq_length: int = 64,
+    samples: int = 40,
+) -> list[dict]:
+    """Sequence-loader samples/s (prompt + query windows, 2 cameras) vs per-step reads of the
+    same windows from an ICRT-layout HDF5 file (and ICRT's per-episode slice reads)."""
+    from pathlib import Path
+
+    import h5py
+
+    from icrt.config import DatasetConfig, SharedConfig
+    from icrt.data.sequence import SequenceDataset
+    from icrt.data.spec import write_dataset_json
+    from icrt.data.store import EpisodeStore
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    cams = ("exterior_image_1_left", "wrist_image_left")
+    store = EpisodeStore.create(root / "bench.zarr", overwrite=True)
+    h5 = h5py.File(root / "bench.hdf5", "w")
+    for e in range(episodes):
+        ep = {"proprio": rng.normal(size=(steps, 8)).astype(np.float32),
+              "action": rng.normal(size=(steps, 7)).astype(np.float32)}
+        for c in cams:
+            ep[f"image_{c}"] = _smooth_frames(rng, steps, image_size)
+        store.add_episode(ep, task=f"task{e % 3}")
+        g = h5.create_group(f"episode_{e}")
+        g["observation/cartesian_position"] = ep["proprio"]
+        g["action/cartesian_position"] = ep["action"]
+        for c in cams:
+            g[f"observation/{c}"] = ep[f"image_{c}"]
+    store.close()
+    h5.close()
+    write_dataset_json(root / "bench.json", stores=[root / "bench.zarr"], proprio_keys=["proprio"],
+                       action_keys=["action"], image_keys=[f"image_{c}" for c in cams],
+                       train_split=1.0)
+    ds = SequenceDataset(DatasetConfig(dataset_json=str(root / "bench.json")),
+                         SharedConfig(seq_length=seq_length, num_pred_steps=4))
+    order = rng.permutation(len(ds))[:samples]
+
+    def ours() -> None:
+        for i in order:
+            ds[int(i)]
+
+    plan = ds._plan(0)
+    windows = []
+    for i in order:
+        s = int(plan.starts[int(i) * len(plan.starts) // len(ds)])
+        pos = np.arange(s, s + seq_length)
+        occ = np.searchsorted(plan.occ_end, pos, side="right")
+        windows.append((plan.occ_episode[occ], pos - plan.occ_start[occ]))
+    names = [f"episode_{e.index}" for e in ds.episodes]
+
+    def per_step(f: h5py.File) -> None:
+        for eps, ts in windows:
+            for e, t in zip(eps, ts, strict=True):
+                g = f[names[e]]
+                np.asarray(g["observation/cartesian_position"][t])
+                np.asarray(g["action/cartesian_position"][t])
+                for c in cams:
+                    np.asarray(g[f"observation/{c}"][t])
+
+    def per_slice(f: h5py.File) -> None:
+        for eps, ts in windows:
+            change = np.flatnonzero(np.diff(eps) != 0) + 1
+            for a, b in zip([0, *change], [*change, len(eps)], strict=True):
+                g = f[names[eps[a]]]
+                for key in ("observation/cartesian_position", "action/cartesian_position",
+                            *(f"observation/{c}" for c in cams)):
+                    np.asarray(g[key][ts[a] : ts[b - 1] + 1])
+
+    rows = []
+    with h5py.File(root / "bench.hdf5", "r") as f:
+        for name, fn in (("icrt zarr sequence loader", ours),
+                         ("HDF5 per-step reads", lambda: per_step(f)),
+                         ("HDF5 per-episode slices (ICRT)", lambda: per_slice(f))):
+            fn()  # warm the page cache alike
+            t0 = time.perf_counter()
+            fn()
+            sec = time.perf_counter() - t0
+            rows.append({"loader": name, "samples_per_s": samples / sec})
+    base = rows[1]["samples_per_s"]
+    for r in rows:
+        r["vs_per_step"] = r["samples_per_s"] / base
+    return rows
+
+
+# ------------------------------------------------------------------------------- simulation
+
+
+def benchmark_sim(checkpoint: str, prompt_dataset: str, tasks: tuple[str, ...] | None = None,
+                  episodes_per_task: int = 4, workers: tuple[int, ...] = (1, 2),
+                  max_steps: int | None = 150) -> list[dict]:
+    """Evaluation episodes/min with N worker processes vs 1 (same episodes, same seeds)."""
+    from icrt.config import EvalConfig
+    from icrt.eval.rollout import evaluate
+
+    rows = []
+    for n in workers:
+        cfg = EvalConfig(checkpoint=checkpoint, prompt_dataset=prompt_dataset, tasks=tasks,
+                         episodes_per_task=episodes_per_task, workers=n, max_steps=max_steps)
+        t0 = time.perf_counter()
+        results = evaluate(cfg, progress=False)
+        sec = time.perf_counter() - t0  # includes starting the workers
+        episodes = sum(t["episodes"] for t in results["tasks"].values())
+        rows.append({"workers": n, "episodes": episodes, "seconds": sec,
+                     "episodes_per_min": 60.0 * episodes / sec,
+                     "mean_success": results["mean_success_rate"]})
+    for r in rows:
+        r["speedup"] = r["episodes_per_min"] / rows[0]["episodes_per_min"]
     return rows

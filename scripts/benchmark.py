@@ -1,0 +1,106 @@
+"""Speed benchmarks, each a ratio against a baseline measured in the same run.
+
+    python scripts/benchmark.py train        # backbone fwd+bwd tokens/s vs transformers.LlamaModel
+    python scripts/benchmark.py inference    # act() latency: KV cache vs full recompute
+    python scripts/benchmark.py data         # sequence loader vs per-step HDF5 reads
+    python scripts/benchmark.py sim          # evaluation episodes/min, N workers vs 1
+    python scripts/benchmark.py all
+
+Tables are printed as markdown; --json FILE also writes the raw rows.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+
+from icrt import bench
+from icrt.errors import UserError
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    # Which benchmark to run.
+    what: tyro.conf.Positional[Literal["train", "inference", "data", "sim", "all"]] = "all"
+    # Model configs (params.json files) for the train and inference benchmarks.
+    configs: tuple[str, ...] = ("config/model_config/tiny.json", "config/model_config/small.json")
+    # Prompt lengths in tokens for the inference benchmark.
+    prompt_tokens: tuple[int, ...] = (256, 1024, 2048)
+    # Torch threads (default: torch's choice, i.e. all cores).
+    threads: int | None = None
+    # Checkpoint and held-out prompts for the sim benchmark (default: what `make demo` writes).
+    checkpoint: str = "runs/mw5"
+    prompt_dataset: str = "data/mw5_prompts.json"
+    # Also write every measured row as JSON here.
+    json: str | None = None
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v: object) -> str:
+        return f"{v:,.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(cfg: BenchmarkConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"torch threads, torch {torch.__version__}, cuda {torch.cuda.is_available()}\n")
+    out: dict[str, list[dict]] = {}
+    todo = ["train", "inference", "data", "sim"] if cfg.what == "all" else [cfg.what]
+    if "train" in todo:
+        rows = []
+        for path in cfg.configs:
+            small = "small" in path
+            rows += bench.benchmark_backbone_train(path, batch_size=2 if small else 8,
+                                                   seq_len=512 if small else 256,
+                                                   steps=3 if small else 20, warmup=1)
+        for r in rows:
+            r["config"] = r.get("config", "")
+        out["train"] = rows
+        print("## Backbone forward+backward (fp32)\n")
+        print(table(rows, ["model", "params", "batch_size", "seq_len", "ms_per_step",
+                           "tokens_per_s", "relative_speed"]) + "\n")
+    if "inference" in todo:
+        rows = []
+        for path in cfg.configs:
+            small = "small" in path
+            for n in cfg.prompt_tokens:
+                rows.append(bench.benchmark_inference(path, n, steps=20 if small else 50,
+                                                      recompute_steps=2 if small else 5))
+        out["inference"] = rows
+        print("## InContextPolicy.act latency: KV cache vs full recompute\n")
+        print(table(rows, ["config", "prompt_tokens", "cached_ms", "cached_hz", "recompute_ms",
+                           "speedup"]) + "\n")
+    if "data" in todo:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench.benchmark_data(tmp)
+        out["data"] = rows
+        print("## Sequence loading (64-step windows, 2 cameras 96x96)\n")
+        print(table(rows, ["loader", "samples_per_s", "vs_per_step"]) + "\n")
+    if "sim" in todo:
+        rows = bench.benchmark_sim(cfg.checkpoint, cfg.prompt_dataset)
+        out["sim"] = rows
+        print("## Evaluation throughput\n")
+        print(table(rows, ["workers", "episodes", "seconds", "episodes_per_min", "speedup"]))
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(BenchmarkConfig, description=__doc__))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
