@@ -8,19 +8,35 @@
 Run with -h for every option.
 """
 
+import dataclasses
+import json
 import logging
 import sys
+from pathlib import Path
 
-from icrt.config import EvalConfig, parse_config
+import tyro
+
+from icrt.config import EvalConfig
 from icrt.errors import UserError
-from icrt.eval.rollout import evaluate, format_table
+from icrt.eval.rollout import evaluate, format_comparison, format_table
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalCommand(EvalConfig):
+    # Results JSON of another evaluation (e.g. --no-prompt) to print side by side.
+    baseline: str | None = None
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(cls=EvalConfig, description=__doc__)
+    cmd = tyro.cli(EvalCommand, description=__doc__)
+    if cmd.baseline and not Path(cmd.baseline).is_file():
+        raise UserError(f"Baseline results '{cmd.baseline}' do not exist.")
+    cfg = EvalConfig(**{f.name: getattr(cmd, f.name) for f in dataclasses.fields(EvalConfig)})
     results = evaluate(cfg)
     print(format_table(results))
+    if cmd.baseline:
+        print("\n" + format_comparison(results, json.loads(Path(cmd.baseline).read_text())))
     print(f"\n{sum(t['episodes'] for t in results['tasks'].values())} episodes in "
           f"{results['wall_seconds']:.0f} s" + (f"; results in {cfg.out}" if cfg.out else ""))
 

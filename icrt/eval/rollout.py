@@ -300,3 +300,20 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
                      f"{r['mean_return']:.1f} |")
     lines.append(f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | | |")
     return "\n".join(lines)
+
+
+def format_comparison(results: dict[str, Any], baseline: dict[str, Any]) -> str:
+    """Side-by-side markdown table of two evaluations of the same tasks (e.g. prompt vs none)."""
+
+    def label(r: dict[str, Any]) -> str:
+        return "no prompt" if r.get("no_prompt") else f"{r['num_prompts']} prompt(s)"
+
+    a, b = label(results), label(baseline)
+    lines = [f"| task | {a} | {b} |", "| --- | ---: | ---: |"]
+    for task, r in results["tasks"].items():
+        other = baseline["tasks"].get(task)
+        right = f"{100 * other['success_rate']:.0f}%" if other else "-"
+        lines.append(f"| {task} | {100 * r['success_rate']:.0f}% | {right} |")
+    lines.append(f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | "
+                 f"**{100 * baseline['mean_success_rate']:.1f}%** |")
+    return "\n".join(lines)
