@@ -45,3 +45,28 @@ def make_reach_dataset(
     write_dataset_json(path, stores=[folder / f"{name}.zarr"], proprio_keys=["state"],
                        action_keys=["action"], train_split=train_split)
     return path
+
+
+def dot_image(pos: np.ndarray, size: int = 32) -> np.ndarray:
+    """A camera frame showing the point as a bright square (so images carry the state)."""
+    img = np.zeros((size, size, 3), np.uint8)
+    img[..., 2] = 40
+    r, c = (np.clip((np.asarray(pos[:2]) + 1.2) / 2.4, 0, 0.999) * size).astype(int)
+    img[max(0, r - 2) : r + 2, max(0, c - 2) : c + 2] = 255
+    return img
+
+
+def make_image_dataset(folder: Path, episodes_per_task: int = 4, size: int = 32) -> Path:
+    """Reach episodes with one camera, ``image_cam``; returns the dataset JSON path."""
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create(folder / "img.zarr", env={"name": "synthetic"}, fps=10)
+    for task in ("left", "right"):
+        for _ in range(episodes_per_task):
+            ep = reach_episode(GOALS[task], rng)
+            ep["image_cam"] = np.stack([dot_image(s, size) for s in ep["state"]])
+            store.add_episode(ep, task=task)
+    store.close()
+    path = folder / "img.json"
+    write_dataset_json(path, stores=[folder / "img.zarr"], proprio_keys=["state"],
+                       action_keys=["action"], image_keys=["image_cam"], train_split=1.0)
+    return path

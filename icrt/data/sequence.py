@@ -16,7 +16,8 @@ marked invalid there (``action_mask``).
 Each item is a dict of tensors (T = seq_length, K = num_pred_steps)::
 
     proprio        (T, P) float32   normalised low-dim observation
-    image_<cam>    (T, H, W, 3) uint8 camera frames (normalised/augmented by the model)
+    image_<cam>    (T, H, W, 3) uint8 camera frames (normalised/augmented by the model), or
+    feature_<cam>  (T, N, C) precomputed encoder tokens with ``use_cached_features``
     action         (T, A) float32   normalised action taken at each step (the action token)
     action_chunk   (T, K, A) float32 targets a_t .. a_{t+K-1}
     action_mask    (T, K) bool      False where the chunk runs past the episode end
@@ -100,6 +101,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         split: str = "train",
         split_file: str | Path | None = None,
         spec: DatasetSpec | None = None,
+        use_cached_features: bool = False,
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
@@ -111,6 +113,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.num_pred_steps = shared_cfg.num_pred_steps
         self.seed = shared_cfg.seed
         self.epoch = 0
+        self.use_cached_features = use_cached_features
         stores = self.spec.open_stores()
         self._store_paths = [str(p) for p in self.spec.stores]
         self._stores: list[EpisodeStore] | None = stores
@@ -261,6 +264,11 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.proprio_dim = proprio_raw.shape[1]
         self.action_dim = action_raw.shape[1]
         self.image_keys = spec.image_keys
+        # camera key -> the store key read for it (precomputed encoder features if asked)
+        self._frame_keys = {
+            k: ("feature_" + k.removeprefix("image_")) if self.use_cached_features else k
+            for k in spec.image_keys
+        }
 
         def stats_of(keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             if not keys:
@@ -481,7 +489,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             "task": torch.from_numpy(self._task_index[ep]),
             "episode": torch.from_numpy(ep),
         }
-        for key in self.image_keys:
+        for key in self._frame_keys.values():
             item[key] = torch.from_numpy(self._read_frames(key, occ, ep, t))
         return item
 

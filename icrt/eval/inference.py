@@ -196,11 +196,15 @@ class InContextPolicy:
 
     # ------------------------------------------------------------------ conversions
 
+    def _camera_key(self, data: Mapping[str, Any], key: str) -> str:
+        """Camera frames, or their precomputed features for a policy trained on those."""
+        feature = "feature_" + key.removeprefix("image_")
+        cached = self.checkpoint.config.model_cfg.vision_encoder_cfg.use_cached_features
+        return feature if cached and feature in data else key
+
     def _check_keys(self, data: Mapping[str, Any], what: str, need_action: bool) -> None:
-        keys = list(self.spec.proprio_keys) + list(self.spec.camera_keys)
-        if self.checkpoint.config.model_cfg.vision_encoder_cfg.use_cached_features:
-            keys = list(self.spec.proprio_keys) + [
-                "feature_" + k.removeprefix("image_") for k in self.spec.camera_keys]
+        keys = list(self.spec.proprio_keys)
+        keys += [self._camera_key(data, k) for k in self.spec.camera_keys]
         if need_action:
             keys += list(self.spec.action_keys)
         missing = [k for k in keys if k not in data]
@@ -234,9 +238,7 @@ class InContextPolicy:
             self._current_proprio = raw[0]
         out = {"proprio": torch.from_numpy(self.normalizer.normalize("proprio", raw))[None]}
         for k in self.spec.camera_keys:
-            key = k
-            if self.checkpoint.config.model_cfg.vision_encoder_cfg.use_cached_features:
-                key = "feature_" + k.removeprefix("image_")
+            key = self._camera_key(data, k)
             x = torch.as_tensor(np.asarray(data[key]))
             out[key] = (x[None] if single else x)[None]
         return {k: v.to(self.device) for k, v in out.items()}

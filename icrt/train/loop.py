@@ -124,8 +124,16 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
 
     # ---------------------------------------------------------------- data
     split_file = run_dir / "split.json"
+    vcfg = cfg.model_cfg.vision_encoder_cfg
+    cached = vcfg.use_cached_features
     train_ds = SequenceDataset(cfg.dataset_cfg, scfg, "train",
-                               split_file=split_file if split_file.is_file() else None)
+                               split_file=split_file if split_file.is_file() else None,
+                               use_cached_features=cached)
+    if cached and train_ds.image_keys:
+        from icrt.models.encoders.features import check_cached_features
+
+        for path in train_ds.spec.stores:
+            check_cached_features(path, vcfg, train_ds.image_keys)
     if info.is_main and not split_file.is_file():
         train_ds.save_split(split_file)
     dist.barrier()
@@ -142,7 +150,8 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
     val_loader = None
     if train_ds.splits["val"]:
         try:
-            val_ds = SequenceDataset(cfg.dataset_cfg, scfg, "val", split_file=split_file)
+            val_ds = SequenceDataset(cfg.dataset_cfg, scfg, "val", split_file=split_file,
+                                     use_cached_features=cached)
             val_sampler = DistributedSampler(val_ds, info.world_size, info.rank, shuffle=False)
             val_loader = DataLoader(val_ds, batch_size=scfg.batch_size, sampler=val_sampler,
                                     num_workers=tcfg.num_workers, pin_memory=pin)
@@ -162,6 +171,10 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
         check_compatible(resume.spec, spec, f"Checkpoint '{resume.path}'",
                          f"dataset '{train_ds.spec.path}'")
         load_weights(model, resume.state_dict(), str(resume.path))
+    if cached and train_ds.image_keys:  # the features must come from these very weights
+        for path in train_ds.spec.stores:
+            check_cached_features(path, vcfg, train_ds.image_keys,
+                                  encoder=model.state_encoder.vision)
     model.to(device)
     ddp: torch.nn.Module = model
     if info.distributed:

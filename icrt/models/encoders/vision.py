@@ -244,7 +244,11 @@ class VisionEncoder(nn.Module):
             if path:
                 log.warning("%svision-nonpretrained: ignoring checkpoint '%s', random weights",
                             _FLAG, cfg.vision_encoder)
-            self.model = _create_timm(self.arch, self.pretrained, cfg.vision_image_size)
+            # random weights are a fixed function of the config (seed 0, global RNG untouched),
+            # so features cached by another process match the training run's encoder
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.model = _create_timm(self.arch, self.pretrained, cfg.vision_image_size)
 
         data_cfg = resolve_data_config({}, model=self.model)
         native = int(data_cfg["input_size"][-1])
