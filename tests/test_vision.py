@@ -347,8 +347,13 @@ def test_cached_features_match_pixels(store_path):
     other = dataclasses.replace(cfg, vision_encoder="resnet18")
     with pytest.raises(UserError, match="rerun scripts/cache_features.py"):
         check_cached_features(store, other, CAMS)
+    # random inits are a fixed function of the config, so a rebuilt encoder matches ...
+    check_cached_features(store, cfg, CAMS, encoder=VisionEncoder(vit_cfg()))
+    changed = VisionEncoder(vit_cfg())  # ... and an encoder with other weights does not
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.5)
     with pytest.raises(UserError, match="different weights"):
-        check_cached_features(store, cfg, CAMS, encoder=VisionEncoder(vit_cfg()))
+        check_cached_features(store, cfg, CAMS, encoder=changed)
     with pytest.raises(UserError, match="has no cached features"):
         check_cached_features(store, cfg, ("image_other",))
     with pytest.raises(UserError, match="already has"):
