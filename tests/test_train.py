@@ -221,6 +221,9 @@ def test_clear_errors(reach_json, tmp_path):
     with pytest.raises(UserError, match="not a checkpoint directory"):
         train(parse_config(tiny_args(reach_json, tmp_path / "e", "--shared-cfg.resume",
                                      tmp_path / "nowhere")), progress=False)
+    with pytest.raises(UserError, match="already holds checkpoints; continue it with"):
+        train(parse_config(tiny_args(reach_json, tmp_path / "c", "--trainer-cfg.epochs", "1")),
+              progress=False)
     with pytest.raises(UserError, match="16-mixed needs CUDA"):
         train(parse_config(tiny_args(reach_json, tmp_path / "f", "--trainer-cfg.precision",
                                      "16-mixed")), progress=False)

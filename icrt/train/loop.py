@@ -117,6 +117,11 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
         raise UserError("--trainer-cfg.precision 16-mixed needs CUDA; use bf16-mixed on the CPU.")
     run_dir = cfg.logging_cfg.run_dir
     resume = read_checkpoint(scfg.resume) if scfg.resume else None
+    if resume is None and latest_checkpoint(run_dir) is not None:
+        raise UserError(
+            f"Run directory '{run_dir}' already holds checkpoints; continue it with "
+            f"--shared-cfg.resume {run_dir} or start elsewhere (--logging-cfg.log-name)."
+        )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
