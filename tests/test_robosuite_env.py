@@ -1,0 +1,143 @@
+"""The robosuite adapter keeps the icrt Env protocol: seeded resets, observation layout, the
+step tuple, the family's bin-specific success check, and a working Lift expert."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before robosuite/mujoco are imported
+
+import numpy as np
+import pytest
+
+from icrt.envs.base import available_tasks, make_env, make_expert
+from icrt.errors import UserError
+
+pytest.importorskip("robosuite")
+
+pytestmark = pytest.mark.sim
+
+CAMERAS = ("agentview", "robot0_eye_in_hand")
+
+
+@pytest.fixture(scope="module")
+def lift_env():
+    env = make_env("robosuite", "Lift", image_size=64, cameras=CAMERAS)
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def family_env():
+    env = make_env("robosuite", "PickPlaceMilkToBin2")
+    yield env
+    env.close()
+
+
+def test_task_list() -> None:
+    tasks = available_tasks("robosuite")
+    assert tasks[:4] == ["Lift", "Stack", "PickPlaceCan", "NutAssemblySquare"]
+    assert len(tasks) == 20
+    assert "PickPlaceCerealToBin4" in tasks and "PickPlaceBreadToBin1" in tasks
+
+
+def test_unknown_task_and_camera_are_user_errors() -> None:
+    with pytest.raises(UserError, match="Unknown robosuite task"):
+        make_env("robosuite", "PickPlaceMilkToBin5")
+    with pytest.raises(UserError, match="Unknown camera"):
+        make_env("robosuite", "Lift", image_size=32, cameras=("nosuchcam",))
+
+
+def test_reset_is_deterministic_and_seed_dependent(lift_env) -> None:
+    a = lift_env.reset(seed=3)
+    cube_a = lift_env.sim_state()["cube_pos"]
+    lift_env.step(np.ones(7))  # disturb the state in between
+    b = lift_env.reset(seed=3)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    lift_env.reset(seed=4)
+    cube_c = lift_env.sim_state()["cube_pos"]
+    assert np.linalg.norm(cube_a[:2] - cube_c[:2]) > 1e-3
+
+
+def test_family_positions_vary_with_seed(family_env) -> None:
+    family_env.reset(seed=0)
+    s0 = family_env.sim_state()
+    family_env.reset(seed=1)
+    s1 = family_env.sim_state()
+    for obj in ("Milk", "Bread", "Cereal", "Can"):
+        assert np.linalg.norm(s0[f"{obj}_pos"][:2] - s1[f"{obj}_pos"][:2]) > 1e-3, obj
+
+
+def test_observation_layout(lift_env) -> None:
+    obs = lift_env.reset(seed=0)
+    assert set(obs) == {"state", "proprio", "image_agentview", "image_robot0_eye_in_hand"}
+    assert obs["state"].dtype == np.float32 and obs["state"].ndim == 1
+    assert obs["proprio"].dtype == np.float32 and obs["proprio"].shape == (9,)
+    quat = obs["proprio"][3:7]
+    assert abs(np.linalg.norm(quat) - 1.0) < 1e-4
+    for cam in CAMERAS:
+        img = obs[f"image_{cam}"]
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert img.std() > 1.0  # something was rendered
+    assert lift_env.obs_meta()["proprio"]["rotation"] == {"start": 3, "format": "quat_xyzw"}
+    assert lift_env.action_dim == 7 and lift_env.fps == 20.0
+    frame = lift_env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+
+
+def test_step_tuple_and_max_steps() -> None:
+    env = make_env("robosuite", "Lift", max_steps=3)
+    try:
+        obs = env.reset(seed=0)
+        size = obs["state"].shape
+        dones = []
+        for _ in range(3):
+            obs, reward, done, info = env.step(np.zeros(env.action_dim))
+            assert isinstance(reward, float) and isinstance(done, bool)
+            assert isinstance(info["success"], bool) and not info["success"]
+            assert obs["state"].shape == size
+            dones.append(done)
+        assert dones == [False, False, True]
+        assert env.render().shape == (256, 256, 3)
+    finally:
+        env.close()
+
+
+def test_family_success_only_for_the_chosen_bin(family_env) -> None:
+    family_env.reset(seed=0)
+    half_z = family_env.sim_state()["Milk_half"][2]
+
+    def place_in(k: int) -> None:
+        c = family_env.bin_center(k)
+        family_env.set_object_pose("Milk", [c[0], c[1], 0.82 + half_z + 0.005])
+
+    place_in(2)
+    assert family_env.check_success()
+    assert family_env.object_in_bin("Milk", 2)
+    for k in (1, 3, 4):
+        place_in(k)
+        assert not family_env.check_success(), k
+        assert family_env.object_in_bin("Milk", k)
+    # another object in bin 2 does not count either
+    family_env.reset(seed=0)
+    c = family_env.bin_center(2)
+    family_env.set_object_pose("Bread", [c[0], c[1], 0.87])
+    assert not family_env.check_success()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lift_expert_succeeds(seed: int) -> None:
+    env = make_env("robosuite", "Lift")
+    expert = make_expert("robosuite", "Lift")
+    try:
+        obs = env.reset(seed=seed)
+        expert.reset(env)
+        for _ in range(env.max_steps):
+            obs, _, done, info = env.step(expert.act(env, obs))
+            if info["success"]:
+                break
+        assert info["success"]
+    finally:
+        env.close()
