@@ -51,10 +51,19 @@ _WORKER_ENVS: dict[tuple, Any] = {}
 
 
 def _worker_init() -> None:
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    import atexit
     import warnings
 
+    os.environ.setdefault("MUJOCO_GL", "egl")
     warnings.filterwarnings("ignore")  # simulators warn per step about clipped actions
+    atexit.register(close_worker_envs)  # free GL contexts before the interpreter tears down
+
+
+def close_worker_envs() -> None:
+    """Close this process's cached simulators (renderers hold EGL contexts)."""
+    for env, _ in _WORKER_ENVS.values():
+        env.close()
+    _WORKER_ENVS.clear()
 
 
 def run_expert_episode(job: _Job) -> dict[str, Any]:
@@ -202,6 +211,8 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         bar.close()
         if executor is not None:
             executor.shutdown(cancel_futures=True)
+        else:
+            close_worker_envs()
     seconds = time.perf_counter() - t_start
     episodes = sum(v["kept"] for t in summary["tasks"].values() for v in t.values())
     summary.update(

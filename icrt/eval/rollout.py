@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from icrt.config import EvalConfig
 from icrt.data.spec import DatasetSpec
@@ -53,13 +54,22 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(threads: int) -> None:
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    import atexit
     import warnings
 
     import torch
 
+    os.environ.setdefault("MUJOCO_GL", "egl")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
+    atexit.register(close_worker_envs)  # free GL contexts before the interpreter tears down
+
+
+def close_worker_envs() -> None:
+    """Close this process's cached simulators (renderers hold EGL contexts)."""
+    for env in _WORKER.get("envs", {}).values():
+        env.close()
+    _WORKER.pop("envs", None)
 
 
 def run_episode(job: _Episode) -> dict[str, Any]:
@@ -241,10 +251,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     desc = "eval (no prompt)" if cfg.no_prompt else f"eval ({cfg.num_prompts} prompt)"
     bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress)
     if cfg.workers == 1:
+        threads = torch.get_num_threads()
         _worker_init(cfg.threads_per_worker)
-        for job in jobs:
-            episodes.append(run_episode(job))
-            bar.update(1)
+        try:
+            for job in jobs:
+                episodes.append(run_episode(job))
+                bar.update(1)
+        finally:
+            close_worker_envs()
+            torch.set_num_threads(threads)
     else:
         with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"),
                                  initializer=_worker_init,
