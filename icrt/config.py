@@ -142,6 +142,8 @@ class PolicyConfig:
     camera_pos_emb: bool = False
     # Add learned state/action modality embeddings to the tokens.
     modality_pos_emb: bool = False
+    # Add a learned embedding to the tokens of prompt steps (marks the demonstrations).
+    prompt_pos_emb: bool = False
     # Build state tokens from images only (ignore low-dim observations).
     remove_proprio: bool = False
     # Put no loss on prompt steps (only the query trajectory is supervised).

@@ -108,3 +108,21 @@ def test_errors(runs):
     with pytest.raises(UserError, match="open_loop_steps"):
         InContextPolicy.from_checkpoint(paths["mlp"], execution="open_loop", open_loop_steps=9)
     assert torch.is_grad_enabled()
+
+
+def test_prompt_embedding_marks_prompt_tokens(runs, tmp_path):
+    root, _ = runs
+    run = train(parse_config(tiny_args(root / "reach.json", tmp_path / "pe", "--trainer-cfg."
+                                       "epochs", "1", "--model-cfg.policy-cfg.prompt-pos-emb")),
+                progress=False)
+    store = EpisodeStore.open(root / "reach.zarr")
+    cached = InContextPolicy.from_checkpoint(run)
+    full = InContextPolicy.from_checkpoint(run, use_cache=False)
+    for p in (cached, full):
+        p.prompt([store.episode(0)])
+    query = store.episode(4)
+    np.testing.assert_allclose(_rollout(cached, query, 1), _rollout(full, query, 1), atol=1e-4)
+    assert "prompt_emb" in dict(cached.model.named_parameters())
+    # the embedding is added to prompt tokens only
+    assert not torch.allclose(cached._prompt_tokens[0], cached.model.state_tokens(
+        cached._obs_tensors({"state": store.episode(0)["state"][:1]}, 1))[0, 0])

@@ -126,8 +126,9 @@ class InContextPolicy:
                     [np.asarray(demo[k], np.float32).reshape(T, -1) for k in self.spec.action_keys],
                     axis=-1)
                 actions = self._action_inputs(raw, native=True)
-                s = self.model.state_tokens(obs)  # (1, T, D)
-                a = self.model.action_tokens(actions)  # (1, T, D)
+                prompt = torch.ones(1, T, dtype=torch.bool, device=self.device)
+                s = self.model.mark_prompt(self.model.state_tokens(obs), prompt)  # (1, T, D)
+                a = self.model.mark_prompt(self.model.action_tokens(actions), prompt)
                 tokens += list(self.model.interleave(s, a)[0])
         if len(tokens) > self.max_tokens:
             log.warning("the prompt has %d tokens but the context holds %d; keeping the most "

@@ -87,6 +87,8 @@ class ICRTPolicy(nn.Module):
         if cfg.modality_pos_emb:
             self.state_emb = nn.Parameter(torch.randn(d) * 0.02)
             self.action_emb = nn.Parameter(torch.randn(d) * 0.02)
+        if cfg.prompt_pos_emb:
+            self.prompt_emb = nn.Parameter(torch.randn(d) * 0.02)
         self.head = build_head(cfg, d, spec.action_dim, spec.num_pred_steps)
 
     # ------------------------------------------------------------------ tokens
@@ -101,6 +103,12 @@ class ICRTPolicy(nn.Module):
         a = self.action_encoder(action)
         return a + self.action_emb if self.cfg.modality_pos_emb else a
 
+    def mark_prompt(self, tokens: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Add the prompt embedding to tokens (B, T, D) where prompt_mask (B, T) is True."""
+        if not self.cfg.prompt_pos_emb:
+            return tokens
+        return tokens + prompt_mask[..., None].to(tokens.dtype) * self.prompt_emb
+
     @staticmethod
     def interleave(states: Tensor, actions: Tensor) -> Tensor:
         """(B, T, D) states and actions -> (B, 2T, D) as s0 a0 s1 a1 ..."""
@@ -111,9 +119,10 @@ class ICRTPolicy(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Masked, weighted chunk loss over a batch of sequences (see icrt.data.sequence)."""
-        tokens = self.interleave(
-            self.state_tokens(batch, train_aug=self.training), self.action_tokens(batch["action"])
-        )
+        states = self.state_tokens(batch, train_aug=self.training)  # (B, T, D)
+        actions = self.action_tokens(batch["action"])  # (B, T, D)
+        tokens = self.interleave(self.mark_prompt(states, batch["prompt_mask"]),
+                                 self.mark_prompt(actions, batch["prompt_mask"]))
         hidden = self.backbone(tokens)[:, 0::2]  # (B, T, D) features at the state tokens
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
