@@ -138,8 +138,9 @@ def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, actio
     ckpt = Checkpoint(Path("<in memory>"), cfg, spec, normalizer)
     rng = np.random.default_rng(0)
 
-    def make(use_cache: bool) -> InContextPolicy:
-        return InContextPolicy(model, ckpt, use_cache=use_cache, deterministic=True)
+    def make(use_cache: bool, dtype: str = "float32") -> InContextPolicy:
+        return InContextPolicy(model, ckpt, use_cache=use_cache, deterministic=True,
+                               dtype=dtype)
 
     def demo(steps: int) -> dict:
         return {"state": rng.normal(size=(steps, proprio_dim)).astype("float32"),
@@ -157,7 +158,8 @@ def benchmark_inference(
     action_dim: int = 4,
     num_pred_steps: int = 4,
 ) -> dict:
-    """Latency of ``InContextPolicy.act`` with the KV cache vs full recompute of the context.
+    """Latency of ``InContextPolicy.act`` with the KV cache vs full recompute of the context
+    (float32), and of the cached path with a bf16 backbone.
 
     The prompt is ``prompt_tokens`` tokens (``prompt_tokens / 2`` demonstration steps); each
     ``act`` appends the previous action's token and the new state token and decodes a chunk.
@@ -170,8 +172,10 @@ def benchmark_inference(
     out = {"config": config_path, "prompt_tokens": prompt_tokens,
            "params": sum(p.numel() for p in model.parameters()),
            "threads": torch.get_num_threads()}
-    for name, use_cache, n in (("cached", True, steps), ("recompute", False, recompute_steps)):
-        policy = make(use_cache)
+    modes = (("cached", True, steps, "float32"), ("recompute", False, recompute_steps, "float32"),
+             ("cached_bf16", True, steps, "bfloat16"))
+    for name, use_cache, n, dtype in modes:
+        policy = make(use_cache, dtype)
         policy.prompt([prompt])
         for t in range(2):  # warm-up
             policy.act({"state": obs[t]})
@@ -184,6 +188,7 @@ def benchmark_inference(
         out[f"{name}_ms"] = 1000.0 * float(np.median(times))
     out["speedup"] = out["recompute_ms"] / out["cached_ms"]
     out["cached_hz"] = 1000.0 / out["cached_ms"]
+    out["cached_bf16_hz"] = 1000.0 / out["cached_bf16_ms"]
     return out
 
 

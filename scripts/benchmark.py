@@ -81,7 +81,7 @@ def main(cfg: BenchmarkConfig) -> None:
         out["inference"] = rows
         print("## InContextPolicy.act latency: KV cache vs full recompute\n")
         print(table(rows, ["config", "prompt_tokens", "cached_ms", "cached_hz", "recompute_ms",
-                           "speedup"]) + "\n")
+                           "speedup", "cached_bf16_ms", "cached_bf16_hz"]) + "\n")
     if "data" in todo:
         with tempfile.TemporaryDirectory() as tmp:
             rows = bench.benchmark_data(tmp)

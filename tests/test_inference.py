@@ -126,3 +126,16 @@ def test_prompt_embedding_marks_prompt_tokens(runs, tmp_path):
     # the embedding is added to prompt tokens only
     assert not torch.allclose(cached._prompt_tokens[0], cached.model.state_tokens(
         cached._obs_tensors({"state": store.episode(0)["state"][:1]}, 1))[0, 0])
+
+
+def test_bf16_backbone_acts_like_float32(runs):
+    root, paths = runs
+    store = EpisodeStore.open(root / "reach.zarr")
+    query = store.episode(3)
+    acts = []
+    for dtype in ("float32", "bfloat16"):
+        policy = InContextPolicy.from_checkpoint(paths["mlp"], dtype=dtype)
+        policy.prompt([store.episode(0)])
+        acts.append(_rollout(policy, query, episodes=1))
+    assert policy.model.backbone.norm.weight.dtype == torch.bfloat16
+    np.testing.assert_allclose(acts[0], acts[1], atol=0.1)
