@@ -64,6 +64,9 @@ class DatasetConfig:
     num_weighted_steps: float = 30
     # Use this fraction of each task's episodes (ablations).
     dataset_fraction: float = 1.0
+    # Hold camera frames (or cached features) in memory when they take at most this many GB;
+    # larger datasets are read from the stores window by window.
+    image_cache_gb: float = 4.0
     # Normalisation of low-dim observations with the store's statistics.
     proprio_norm: Norm = "mean_std"
     # Normalisation of actions with the store's statistics (min_max maps to [-1, 1]).
@@ -82,6 +85,7 @@ class DatasetConfig:
         _positive(self.proprio_noise, p + "proprio-noise", allow_zero=True)
         _positive(self.action_noise, p + "action-noise", allow_zero=True)
         _positive(self.num_weighted_steps, p + "num-weighted-steps", allow_zero=True)
+        _positive(self.image_cache_gb, p + "image-cache-gb", allow_zero=True)
         if self.task_names is not None and len(self.task_names) == 0:
             raise ValueError(f"{p}task-names needs at least one task name.")
 

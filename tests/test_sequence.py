@@ -337,3 +337,11 @@ def test_delta_action_round_trip():
     np.testing.assert_allclose(same[:, 3:9], np.tile([1, 0, 0, 0, 1, 0], (n, 1)), atol=1e-9)
     back = from_delta_action(delta, cur_full, pos_dims=3, rot6d_start=3)
     np.testing.assert_allclose(back, act, atol=1e-9)
+
+
+def test_frames_from_memory_equal_frames_from_store(dataset_json):
+    in_memory = SequenceDataset(*_cfgs(dataset_json))
+    from_store = SequenceDataset(*_cfgs(dataset_json, image_cache_gb=0.0))
+    assert in_memory._frames is not None and from_store._frames is None
+    for i in range(0, len(in_memory), 9):
+        assert torch.equal(in_memory[i]["image_cam"], from_store[i]["image_cam"])

@@ -139,6 +139,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self._ep_len = np.array([e.length for e in episodes], np.int64)
 
         self._load_lowdim(stores)
+        self._frames = self._load_frames(stores)
         self._groups = self._group_episodes()
         self._plan_cache: tuple[int, _Plan] | None = None
         self._len = len(self._plan(0).starts)
@@ -510,13 +511,35 @@ class SequenceDataset(torch.utils.data.Dataset):
             weighted[a + 1 : min(a + 1 + steps, b + 1)] = True
         return prompt, weighted
 
+    def _load_frames(self, stores: list[EpisodeStore]) -> dict[str, list[np.ndarray]] | None:
+        """Every frame key in memory if it fits ``image_cache_gb`` (zarr's per-read cost
+        dominates window reads otherwise), else None (read window by window)."""
+        keys = list(self._frame_keys.values())
+        if not keys:
+            return None
+        total = 0
+        for s in stores:
+            for k in keys:
+                info = s.key_info(k)
+                row_bytes = int(np.prod(info["shape"])) * np.dtype(info["dtype"]).itemsize
+                total += s.num_steps * row_bytes
+        if total > self.cfg.image_cache_gb * 1e9:
+            log.info("frames take %.1f GB > --dataset-cfg.image-cache-gb; reading from the "
+                     "stores per window", total / 1e9)
+            return None
+        return {k: [s.load(k) for s in stores] for k in keys}
+
     def _read_frames(self, key: str, occ: np.ndarray, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Frames of the window, read as one contiguous slice per trajectory occurrence."""
         parts = []
         change = np.flatnonzero(np.diff(occ)) + 1
         for a, b in zip([0, *change], [*change, len(occ)], strict=True):
             e = int(ep[a])
-            store = self._store(self.episodes[e].store)
-            row = int(self._ep_store_row[e])
-            parts.append(store.read(key, row + int(t[a]), row + int(t[b - 1]) + 1))
+            ref = self.episodes[e]
+            start = int(self._ep_store_row[e]) + int(t[a])
+            stop = int(self._ep_store_row[e]) + int(t[b - 1]) + 1
+            if self._frames is not None:
+                parts.append(self._frames[key][ref.store][start:stop])
+            else:
+                parts.append(self._store(ref.store).read(key, start, stop))
         return np.concatenate(parts)
