@@ -322,3 +322,55 @@ def benchmark_sim(checkpoint: str, prompt_dataset: str, tasks: tuple[str, ...] |
     for r in rows:
         r["speedup"] = r["episodes_per_min"] / rows[0]["episodes_per_min"]
     return rows
+
+
+# ------------------------------------------------------------------------------- image features
+
+
+def benchmark_feature_training(folder: str, episodes: int = 10, image_size: int = 84,
+                               encoder: str = "vit_tiny_patch16_224", encoder_size: int = 112,
+                               model_config: str = "config/model_config/mini.json") -> list[dict]:
+    """Training samples/s of an image policy with a frozen encoder run on every frame vs
+    reading precomputed features, in the same process on the same robosuite Lift demos."""
+    from pathlib import Path
+
+    from icrt.config import CollectConfig, parse_config
+    from icrt.data.collect import collect
+    from icrt.models.encoders.features import precompute_features
+    from icrt.train.loop import run_metrics, train
+
+    root = Path(folder)
+    store = root / "lift_img.zarr"
+    collect(CollectConfig(env="robosuite", tasks=("Lift",), episodes_per_task=episodes,
+                          image_size=image_size, out=str(store), workers=2, overwrite=True),
+            progress=False)
+    common = [
+        "--dataset-cfg.dataset-json", str(store.with_suffix(".json")),
+        "--model-cfg.policy-cfg.scratch-llama-config", model_config,
+        "--model-cfg.vision-encoder-cfg.vision-encoder", encoder,
+        "--model-cfg.vision-encoder-cfg.vision-nonpretrained",
+        "--model-cfg.vision-encoder-cfg.vision-image-size", str(encoder_size),
+        "--shared-cfg.seq-length", "64", "--shared-cfg.num-pred-steps", "4",
+        "--shared-cfg.batch-size", "4", "--trainer-cfg.accum-iter", "1",
+        "--trainer-cfg.epochs", "1", "--trainer-cfg.num-workers", "0",
+        "--trainer-cfg.log-every", "2", "--dataset-cfg.non-overlapping", "16",
+        "--logging-cfg.no-wandb",
+    ]
+    vcfg = parse_config(common).model_cfg.vision_encoder_cfg
+    t0 = time.perf_counter()
+    precompute_features(store, vcfg, ["image_agentview", "image_robot0_eye_in_hand"],
+                        dtype="float16", progress=False, overwrite=True)
+    cache_seconds = time.perf_counter() - t0
+    rows = []
+    for name, extra in (("frozen encoder on pixels", []),
+                        ("cached features", ["--model-cfg.vision-encoder-cfg."
+                                             "use-cached-features"])):
+        run = root / name.replace(" ", "_")
+        train(parse_config([*common, *extra, "--logging-cfg.output-dir", str(run)]),
+              progress=False)
+        rates = [r["train/samples_per_s"] for r in run_metrics(run) if "train/samples_per_s" in r]
+        rows.append({"input": name, "samples_per_s": float(np.median(rates[1:] or rates))})
+    for r in rows:
+        r["speedup"] = r["samples_per_s"] / rows[0]["samples_per_s"]
+    rows[1]["one_off_cache_seconds"] = cache_seconds
+    return rows

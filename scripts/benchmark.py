@@ -3,6 +3,7 @@
     python scripts/benchmark.py train        # backbone fwd+bwd tokens/s vs transformers.LlamaModel
     python scripts/benchmark.py inference    # act() latency: KV cache vs full recompute
     python scripts/benchmark.py data         # sequence loader vs per-step HDF5 reads
+    python scripts/benchmark.py features     # image training: pixels through encoder vs cached
     python scripts/benchmark.py sim          # evaluation episodes/min, N workers vs 1
     python scripts/benchmark.py all
 
@@ -28,7 +29,9 @@ from icrt.errors import UserError
 @dataclass(frozen=True)
 class BenchmarkConfig:
     # Which benchmark to run.
-    what: tyro.conf.Positional[Literal["train", "inference", "data", "sim", "all"]] = "all"
+    what: tyro.conf.Positional[
+        Literal["train", "inference", "data", "features", "sim", "all"]
+    ] = "all"
     # Model configs (params.json files) for the train and inference benchmarks.
     configs: tuple[str, ...] = ("config/model_config/tiny.json", "config/model_config/small.json")
     # Prompt lengths in tokens for the inference benchmark.
@@ -57,7 +60,7 @@ def main(cfg: BenchmarkConfig) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}, cuda {torch.cuda.is_available()}\n")
     out: dict[str, list[dict]] = {}
-    todo = ["train", "inference", "data", "sim"] if cfg.what == "all" else [cfg.what]
+    todo = ["train", "inference", "data", "features", "sim"] if cfg.what == "all" else [cfg.what]
     if "train" in todo:
         rows = []
         for path in cfg.configs:
@@ -88,6 +91,13 @@ def main(cfg: BenchmarkConfig) -> None:
         out["data"] = rows
         print("## Sequence loading (64-step windows, 2 cameras 96x96)\n")
         print(table(rows, ["loader", "samples_per_s", "vs_per_step"]) + "\n")
+    if "features" in todo:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench.benchmark_feature_training(tmp)
+        out["features"] = rows
+        print("## Image-policy training: frozen encoder on pixels vs cached features (Lift, 2 "
+              "cameras)\n")
+        print(table(rows, ["input", "samples_per_s", "speedup", "one_off_cache_seconds"]) + "\n")
     if "sim" in todo:
         rows = bench.benchmark_sim(cfg.checkpoint, cfg.prompt_dataset)
         out["sim"] = rows
