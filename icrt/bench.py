@@ -302,7 +302,7 @@ def benchmark_data(
 
 
 def benchmark_sim(checkpoint: str, prompt_dataset: str, tasks: tuple[str, ...] | None = None,
-                  episodes_per_task: int = 4, workers: tuple[int, ...] = (1, 2),
+                  episodes_per_task: int = 20, workers: tuple[int, ...] = (1, 2),
                   max_steps: int | None = 150) -> list[dict]:
     """Evaluation episodes/min with N worker processes vs 1 (same episodes, same seeds)."""
     from icrt.config import EvalConfig

@@ -8,7 +8,6 @@ multimodal action distributions without choosing a number of modes up front.
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
 from icrt.config import PolicyConfig
@@ -38,6 +37,9 @@ class DiffusionHead(ActionHead):
             clip_sample_range=cfg.diffusion_clip_sample,
             prediction_type=cfg.diffusion_prediction_type,
         )
+        # imported here: diffusers pulls in torch._dynamo (~2 s), which other heads never need
+        from diffusers import DDIMScheduler, DDPMScheduler
+
         self.train_scheduler = DDPMScheduler(**sched_kwargs)
         self.ddpm = DDPMScheduler(**sched_kwargs)
         self.ddim = DDIMScheduler(**sched_kwargs)
