@@ -1,0 +1,1 @@
+"""Acting and evaluation: ``InContextPolicy`` (prompted inference) and ``evaluate`` (rollouts)."""

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from icrt.config import ExperimentConfig, save_config
 from icrt.data.sequence import SequenceDataset
+from icrt.data.spec import DatasetSpec
 from icrt.errors import UserError
 from icrt.models.policy import ICRTPolicy, PolicySpec
 from icrt.train import dist
@@ -131,14 +132,15 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
     split_file = run_dir / "split.json"
     vcfg = cfg.model_cfg.vision_encoder_cfg
     cached = vcfg.use_cached_features
-    train_ds = SequenceDataset(cfg.dataset_cfg, scfg, "train",
-                               split_file=split_file if split_file.is_file() else None,
-                               use_cached_features=cached)
-    if cached and train_ds.image_keys:
+    data_spec = DatasetSpec.load(cfg.dataset_cfg.dataset_json)
+    if cached and data_spec.image_keys:
         from icrt.models.encoders.features import check_cached_features
 
-        for path in train_ds.spec.stores:
-            check_cached_features(path, vcfg, train_ds.image_keys)
+        for path in data_spec.stores:
+            check_cached_features(path, vcfg, data_spec.image_keys)
+    train_ds = SequenceDataset(cfg.dataset_cfg, scfg, "train",
+                               split_file=split_file if split_file.is_file() else None,
+                               spec=data_spec, use_cached_features=cached)
     if info.is_main and not split_file.is_file():
         train_ds.save_split(split_file)
     dist.barrier()
@@ -156,7 +158,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
     if train_ds.splits["val"]:
         try:
             val_ds = SequenceDataset(cfg.dataset_cfg, scfg, "val", split_file=split_file,
-                                     use_cached_features=cached)
+                                     spec=data_spec, use_cached_features=cached)
             val_sampler = DistributedSampler(val_ds, info.world_size, info.rank, shuffle=False)
             val_loader = DataLoader(val_ds, batch_size=scfg.batch_size, sampler=val_sampler,
                                     num_workers=tcfg.num_workers, pin_memory=pin)
