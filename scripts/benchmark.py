@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +22,7 @@ import torch
 import tyro
 
 from icrt import bench
-from icrt.errors import UserError
+from icrt.cli import run
 
 
 @dataclass(frozen=True)
@@ -109,8 +108,4 @@ def main(cfg: BenchmarkConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(BenchmarkConfig, description=__doc__))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(lambda: main(tyro.cli(BenchmarkConfig, description=__doc__)))

@@ -16,11 +16,11 @@ Run with -h for every option.
 import dataclasses
 import json
 import logging
-import sys
 from typing import Literal
 
 import tyro
 
+from icrt.cli import run
 from icrt.config import VisionEncoderConfig
 from icrt.errors import UserError
 
@@ -93,8 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

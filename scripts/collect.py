@@ -10,11 +10,10 @@ Run with -h for every option.
 
 import json
 import logging
-import sys
 
+from icrt.cli import run
 from icrt.config import CollectConfig, parse_config
 from icrt.data.collect import collect
-from icrt.errors import UserError
 
 
 def main() -> None:
@@ -28,8 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -11,11 +11,11 @@ Run with -h for every option.
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
 import tyro
 
+from icrt.cli import run
 from icrt.config import EvalConfig
 from icrt.errors import UserError
 from icrt.eval.rollout import evaluate, format_comparison, format_table
@@ -42,8 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

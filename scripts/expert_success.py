@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import tyro
 
+from icrt.cli import run
 from icrt.envs.base import available_tasks, check_tasks, make_env, make_expert
 from icrt.errors import UserError
 
@@ -168,8 +169,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    try:
-        main(tyro.cli(Args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(lambda: main(tyro.cli(Args)))

@@ -10,10 +10,9 @@ Flags follow ICRT's (nested tyro groups); run with -h to see them all.
 
 import logging
 import os
-import sys
 
+from icrt.cli import run
 from icrt.config import parse_config
-from icrt.errors import UserError
 from icrt.train.loop import train
 
 
@@ -28,8 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)
