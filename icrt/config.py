@@ -123,8 +123,10 @@ class VisionEncoderConfig:
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     # Backbone shape as a Llama params.json file (dim, n_layers, n_heads, ...), trained from
-    # scratch. Takes precedence over --model-cfg.policy-cfg.llama-ckpt-dir.
-    scratch_llama_config: str | None = "config/model_config/small.json"
+    # scratch; takes precedence over --model-cfg.policy-cfg.llama-ckpt-dir. With neither:
+    # config/model_config/small.json (ICRT's 768x12). Relative paths that do not exist in the
+    # working directory are looked up in the icrt source tree.
+    scratch_llama_config: str | None = None
     # Directory of a pretrained Llama checkpoint (params.json + consolidated.*.pth),
     # fine-tuned with LoRA; used when no scratch config is given.
     llama_ckpt_dir: str | None = None
@@ -194,10 +196,6 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         p = "--model-cfg.policy-cfg."
-        if self.scratch_llama_config is None and self.llama_ckpt_dir is None:
-            raise ValueError(
-                f"Give {p}scratch-llama-config (a params.json) or {p}llama-ckpt-dir."
-            )
         for name in ("lora_rank", "adapter_num_heads", "head_hidden_dim", "gmm_num_components",
                      "num_train_diffusion_steps", "num_inference_diffusion_steps",
                      "flow_num_steps"):
@@ -210,6 +208,27 @@ class PolicyConfig:
                 f"{p}num-inference-diffusion-steps ({self.num_inference_diffusion_steps}) must "
                 f"not exceed {p}num-train-diffusion-steps ({self.num_train_diffusion_steps})."
             )
+
+
+    @property
+    def scratch_config(self) -> Path | None:
+        """The params file of a from-scratch backbone, or None for a pretrained Llama."""
+        if self.scratch_llama_config is None and self.llama_ckpt_dir is not None:
+            return None
+        return source_path(self.scratch_llama_config or DEFAULT_BACKBONE)
+
+
+DEFAULT_BACKBONE = "config/model_config/small.json"
+
+
+def source_path(path: str) -> Path:
+    """``path`` as given, or, if it is relative and missing here, inside the icrt source tree
+    (so ``config/model_config/tiny.json`` works from any directory)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    candidate = Path(__file__).resolve().parents[1] / p
+    return candidate if candidate.exists() else p
 
 
 @dataclasses.dataclass(frozen=True)

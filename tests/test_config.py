@@ -134,7 +134,6 @@ def test_load_config_errors(tmp_path):
         (["--dataset-cfg.dataset-fraction", "1.5"], "--dataset-cfg.dataset-fraction"),
         (["--model-cfg.policy-cfg.num-inference-diffusion-steps", "500"],
          "must not exceed --model-cfg.policy-cfg.num-train-diffusion-steps"),
-        (["--model-cfg.policy-cfg.scratch-llama-config", "None"], "llama-ckpt-dir"),
         (["--optimizer-cfg.lr", "-1"], "--optimizer-cfg.lr must be > 0"),
     ],
 )

@@ -229,11 +229,28 @@ def test_clear_errors(reach_json, tmp_path):
                                      "16-mixed")), progress=False)
 
 
+def fake_meta_llama(folder: Path) -> dict[str, torch.Tensor]:
+    """A Meta-format Llama checkpoint directory of the tiny shape (with vocab weights)."""
+    from icrt.models.backbones.llama import LlamaBackbone, LlamaConfig
+
+    folder.mkdir(parents=True)
+    params = json.loads(Path(TINY).read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "vocab_size": 32}))
+    torch.manual_seed(7)
+    state = LlamaBackbone(LlamaConfig.from_json(TINY, max_seq_len=64)).state_dict()
+    dim = params["dim"]
+    torch.save({**state, "tok_embeddings.weight": torch.randn(32, dim),
+                "output.weight": torch.randn(32, dim)}, folder / "consolidated.00.pth")
+    return state
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("index", [0, 3])
+@pytest.mark.parametrize("index", [0, 3, 4])
 def test_icrt_command_lines_train_one_short_epoch(reach_json, tmp_path, index):
-    """ICRT's documented commands, with a tiny model config and a demo dataset."""
+    """ICRT's documented commands, with a tiny model config (or a tiny Meta-format Llama for
+    the Llama-2 command) and a demo dataset."""
     (tmp_path / "encoder.pth").write_bytes(b"")
+    llama = fake_meta_llama(tmp_path / "llama")
     pre = train(parse_config(tiny_args(reach_json, tmp_path / "pre", "--trainer-cfg.epochs", "1",
                                        "--shared-cfg.seq-length", "64")), progress=False)
     args = icrt_args(ICRT_COMMANDS[index], {
@@ -243,6 +260,7 @@ def test_icrt_command_lines_train_one_short_epoch(reach_json, tmp_path, index):
         "/path/to/output_dir/pretrain_droid/checkpoint-3.pth": str(pre / "checkpoint-0.pth"),
         "/path/to/output_dir": str(tmp_path / "out"),
         "config/model_config/custom_transformer.json": TINY,
+        "/path/to/llama-2/llama-2-7b": str(tmp_path / "llama"),
     })
     # one short epoch on the 2-core CI machine: shorter sequences, one epoch
     args += ["--trainer-cfg.epochs", "1", "--shared-cfg.seq-length", "64",
@@ -252,3 +270,18 @@ def test_icrt_command_lines_train_one_short_epoch(reach_json, tmp_path, index):
     run = train(cfg, progress=False)
     assert (run / "checkpoint-0" / "model.safetensors").is_file()
     assert run.name == cfg.logging_cfg.log_name
+    if index == 4:  # the pretrained Llama was loaded and fine-tuned through LoRA adapters
+        policy, _ = load_policy(run)
+        backbone = policy.backbone.state_dict()
+        assert torch.equal(backbone["layers.0.feed_forward.w1.weight"],
+                           llama["layers.0.feed_forward.w1.weight"])
+        assert any("lora_A" in k for k in backbone)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(reach_json, tmp_path):
+    run = train(parse_config(tiny_args(reach_json, tmp_path / "bf16", "--trainer-cfg.epochs", "1",
+                                       "--trainer-cfg.precision", "bf16-mixed")), progress=False)
+    losses = [r["train/loss"] for r in run_metrics(run) if "train/loss" in r]
+    assert losses and all(np.isfinite(losses))
+    policy, _ = load_policy(run)
+    assert next(policy.parameters()).dtype == torch.float32  # weights stay fp32 (autocast)

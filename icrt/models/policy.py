@@ -72,7 +72,7 @@ class ICRTPolicy(nn.Module):
         self.cfg = cfg
         self.spec = spec
         self.backbone = build_backbone(cfg, max_seq_len=2 * spec.max_timesteps)
-        if cfg.phase == "finetune" and cfg.scratch_llama_config is not None:
+        if cfg.phase == "finetune" and cfg.scratch_config is not None:
             # ICRT's finetune phase: only LoRA adapters, norms and biases of the backbone train
             apply_lora(self.backbone, cfg.lora_rank, cfg.lora_layer_idxs)
         d = self.backbone.d_model

@@ -12,13 +12,14 @@ Backbone = LlamaBackbone
 
 def build_backbone(policy_cfg: PolicyConfig, max_seq_len: int) -> Backbone:
     """The policy's backbone: a randomly initialised Llama of the shape in
-    ``scratch_llama_config`` (takes precedence), else the pretrained checkpoint in
-    ``llama_ckpt_dir`` (LoRA-wrapped in the finetune phase). ``backbone.d_model`` is its width.
+    ``scratch_llama_config`` (takes precedence; ICRT's small shape by default), else the
+    pretrained checkpoint in ``llama_ckpt_dir`` (LoRA-wrapped in the finetune phase).
+    ``backbone.d_model`` is its width.
     """
-    if policy_cfg.scratch_llama_config is not None:
-        cfg = LlamaConfig.from_json(policy_cfg.scratch_llama_config, max_seq_len=max_seq_len)
+    if policy_cfg.scratch_config is not None:
+        cfg = LlamaConfig.from_json(policy_cfg.scratch_config, max_seq_len=max_seq_len)
         return LlamaBackbone(cfg, gradient_checkpointing=policy_cfg.gradient_checkpointing)
-    assert policy_cfg.llama_ckpt_dir is not None  # PolicyConfig guarantees one of the two
+    assert policy_cfg.llama_ckpt_dir is not None  # scratch_config is None only then
     backbone = load_pretrained_llama(
         policy_cfg.llama_ckpt_dir,
         max_seq_len=max_seq_len,
