@@ -280,7 +280,7 @@ class TrainerConfig:
     num_workers: int = 2
     # Numeric precision: full fp32, fp16 autocast with loss scaling, or bf16 autocast.
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
-    # Wrap the model in torch.compile.
+    # Compile the backbone with torch.compile (in place; checkpoints are unchanged).
     compile: bool = False
     # Log training metrics every N optimizer steps.
     log_every: int = 10

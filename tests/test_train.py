@@ -285,3 +285,14 @@ def test_bf16_mixed_precision_trains_on_cpu(reach_json, tmp_path):
     assert losses and all(np.isfinite(losses))
     policy, _ = load_policy(run)
     assert next(policy.parameters()).dtype == torch.float32  # weights stay fp32 (autocast)
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_saves_plain_checkpoints(reach_json, tmp_path):
+    run = train(parse_config(tiny_args(reach_json, tmp_path / "compiled", "--trainer-cfg.epochs",
+                                       "1", "--trainer-cfg.compile")), progress=False)
+    losses = [r["train/loss"] for r in run_metrics(run) if "train/loss" in r]
+    assert losses and all(np.isfinite(losses))
+    state = load_file(str(run / "checkpoint-0" / "model.safetensors"))
+    assert not any("_orig_mod" in k for k in state)
+    load_policy(run)
