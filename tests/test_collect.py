@@ -96,3 +96,26 @@ def test_collect_errors(tmp_path):
     (tmp_path / "z.zarr").mkdir()
     with pytest.raises(UserError, match="already exists"):
         collect(CollectConfig(tasks=("reach-v3",), out=str(tmp_path / "z.zarr")), progress=False)
+
+
+def test_tasks_with_different_layouts_fail_before_collecting(tmp_path, monkeypatch):
+    import icrt.data.collect as collect_module
+
+    calls = []
+    monkeypatch.setattr(collect_module, "run_expert_episode", lambda job: calls.append(job))
+    from icrt.envs import metaworld
+
+    original = metaworld.MetaWorldEnv._observe
+
+    def observe(self, obs):  # pretend drawer-open has a longer state vector
+        out = original(self, obs)
+        if self.task == "drawer-open-v3":
+            out["state"] = np.concatenate([out["state"], [0.0]]).astype(np.float32)
+        return out
+
+    monkeypatch.setattr(metaworld.MetaWorldEnv, "_observe", observe)
+    with pytest.raises(UserError, match="'reach-v3' and 'drawer-open-v3' give 'state' of "
+                                        "different shapes"):
+        collect(CollectConfig(tasks=("reach-v3", "drawer-open-v3"), workers=1,
+                              out=str(tmp_path / "x.zarr")), progress=False)
+    assert not calls and not (tmp_path / "x.zarr").exists()

@@ -125,6 +125,29 @@ def _dataset_json_path(store: Path) -> Path:
     return store.with_suffix(".json")
 
 
+def _check_same_layout(env_name: str, tasks: tuple[str, ...], image_size: int,
+                       cameras: tuple[str, ...], max_steps: int | None) -> None:
+    """One store holds one observation layout: fail before collecting, not after 100 episodes."""
+    if len(tasks) < 2:
+        return
+    shapes: dict[str, dict[str, tuple]] = {}
+    for task in tasks:
+        env = make_env(env_name, task, image_size=image_size, cameras=cameras,
+                       max_steps=max_steps)
+        try:
+            shapes[task] = {k: np.shape(v) for k, v in env.reset(0).items()}
+        finally:
+            env.close()
+    first = tasks[0]
+    for task in tasks[1:]:
+        for key, shape in shapes[first].items():
+            if shapes[task].get(key) != shape:
+                raise UserError(
+                    f"{env_name} tasks '{first}' and '{task}' give '{key}' of different shapes "
+                    f"({shape} vs {shapes[task].get(key)}); collect them into separate stores."
+                )
+
+
 def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     """Collect demonstrations per ``cfg``; returns a summary (episodes, attempts, throughput)."""
     from tqdm import tqdm
@@ -133,6 +156,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     cameras = tuple(cfg.cameras) or (default_cameras(cfg.env) if cfg.image_size else ())
     if cameras and not cfg.image_size:
         raise UserError("--cameras needs --image-size N (the side length of rendered images).")
+    _check_same_layout(cfg.env, cfg.tasks, cfg.image_size, cameras, cfg.max_steps)
     out = Path(cfg.out)
     splits = [("train", out, cfg.episodes_per_task)]
     if cfg.prompt_episodes_per_task:
