@@ -296,3 +296,12 @@ def test_compiled_backbone_trains_and_saves_plain_checkpoints(reach_json, tmp_pa
     state = load_file(str(run / "checkpoint-0" / "model.safetensors"))
     assert not any("_orig_mod" in k for k in state)
     load_policy(run)
+
+
+def test_warmup_longer_than_the_run_is_warned(reach_json, tmp_path, caplog):
+    args = tiny_args(reach_json, tmp_path / "run", "--trainer-cfg.epochs", "1",
+                     "--optimizer-cfg.warmup-epochs", "40")
+    with caplog.at_level("WARNING", logger="icrt"):
+        train(parse_config(args), progress=False)
+    assert any("warmup-epochs 40 is not below --trainer-cfg.epochs 1" in r.getMessage()
+               for r in caplog.records)

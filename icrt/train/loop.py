@@ -217,6 +217,10 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
     logger = RunLogger(cfg, run_dir, enabled=info.is_main)
     log.info("run %s: %d sequences/epoch, effective batch %d, lr %.2e", run_dir, len(train_ds),
              eff_batch, lr)
+    if ocfg.warmup_epochs >= tcfg.epochs:
+        log.warning("--optimizer-cfg.warmup-epochs %g is not below --trainer-cfg.epochs %d: the "
+                    "learning rate never reaches %.2e in this run", ocfg.warmup_epochs,
+                    tcfg.epochs, lr)
 
     # ---------------------------------------------------------------- loop
     from tqdm import tqdm
