@@ -1,6 +1,7 @@
 """Scripted Meta-World demonstrations end to end: stores, dataset JSONs, seeds, reproducibility."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -81,8 +82,14 @@ def test_collect_images_and_keep_failures(tmp_path):
                                               "dtype": "uint8"}
     ep = store.episode(0)
     assert ep["image_gripperPOV"].shape == (15, 32, 32, 3) and ep["image_corner"].std() > 0
-    assert json.loads(out.with_suffix(".json").read_text())["image_keys"] == [
-        "image_corner", "image_gripperPOV"]
+    spec = json.loads(out.with_suffix(".json").read_text())
+    assert spec["image_keys"] == ["image_corner", "image_gripperPOV"]
+    assert spec["proprio_keys"] == ["proprio"]  # with cameras: robot-only low-dim input
+    chosen = tmp_path / "chosen.zarr"
+    collect(CollectConfig(env="metaworld", tasks=("reach-v3",), episodes_per_task=1,
+                          out=str(chosen), workers=1, image_size=16, max_steps=3,
+                          keep_failures=True, proprio_keys=("state",)), progress=False)
+    assert json.loads(chosen.with_suffix(".json").read_text())["proprio_keys"] == ["state"]
 
 
 def test_collect_errors(tmp_path):
@@ -119,3 +126,20 @@ def test_tasks_with_different_layouts_fail_before_collecting(tmp_path, monkeypat
         collect(CollectConfig(tasks=("reach-v3", "drawer-open-v3"), workers=1,
                               out=str(tmp_path / "x.zarr")), progress=False)
     assert not calls and not (tmp_path / "x.zarr").exists()
+
+
+def test_rendering_then_importing_triton_does_not_crash():
+    """Mesa's LLVM loaded before triton's segfaults a CUDA torch build; the renderer guards it."""
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    if find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    code = ("from icrt.envs.base import make_env\n"
+            "env = make_env('metaworld', 'reach-v3', image_size=16, cameras=('corner',))\n"
+            "assert env.reset(seed=0)['image_corner'].shape == (16, 16, 3)\n"
+            "import triton._C.libtriton\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "MUJOCO_GL": "egl"})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -125,6 +125,31 @@ def make_expert(env: str, task: str) -> Expert:
 SEED_STREAMS = {"train": 0, "prompt": 1, "eval": 2}
 
 
+def make_renderer(model: Any, size: int) -> Any:
+    """A headless ``mujoco.Renderer`` of ``size`` x ``size`` with shadows and reflections off.
+
+    Software (Mesa) rendering loads its own LLVM; a CUDA build of torch that later imports
+    triton (torch.compile, torchvision, timm) segfaults if triton's LLVM is loaded second, so
+    triton's library is loaded first when it is installed.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("triton._C.libtriton")
+    import mujoco
+
+    try:
+        renderer = mujoco.Renderer(model, height=size, width=size)
+    except mujoco.FatalError as e:
+        raise UserError(
+            "MuJoCo could not open an OpenGL context; on a headless machine set "
+            "MUJOCO_GL=egl (or osmesa) before anything imports mujoco."
+        ) from e
+    renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+    renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    return renderer
+
+
 def episode_seed(base_seed: int, stream: str, task: str, index: int) -> int:
     """The simulator seed of episode ``index`` of ``task`` in a stream (train/prompt/eval)."""
     import zlib

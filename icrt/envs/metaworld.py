@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from icrt.envs.base import make_renderer
 from icrt.errors import UserError
 
 CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
@@ -123,15 +124,10 @@ class MetaWorldEnv:
         return out
 
     def _render(self, camera: str, size: int) -> np.ndarray:
-        import mujoco
-
         renderer = self._renderers.get(size)
         if renderer is None:
             _disable_costly_rendering(self._env.model)
-            renderer = mujoco.Renderer(self._env.model, size, size)
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
-            self._renderers[size] = renderer
+            renderer = self._renderers[size] = make_renderer(self._env.model, size)
         renderer.update_scene(self._env.data, camera=camera)
         frame = renderer.render()
         # Meta-World's corner cameras are mounted upside down

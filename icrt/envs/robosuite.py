@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from icrt.envs.base import make_renderer
 from icrt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -413,15 +414,7 @@ class RobosuiteEnv:
         mujoco = self._mujoco
         r = self._renderers.get(size)
         if r is None:
-            try:
-                r = mujoco.Renderer(self._model, height=size, width=size)
-            except mujoco.FatalError as e:
-                raise UserError(
-                    "MuJoCo could not open an OpenGL context; on a headless machine set "
-                    "MUJOCO_GL=egl (or osmesa) before anything imports mujoco."
-                ) from e
-            r.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-            r.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            r = make_renderer(self._model, size)
             # the arenas' walls and floor hide the skybox from every camera; skip drawing it
             r.scene.flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0
             self._renderers[size] = r
