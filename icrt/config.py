@@ -546,6 +546,10 @@ class CollectConfig:
     image_size: int = 0
     # Cameras to render (default: the simulator's standard ones when --image-size is set).
     cameras: tuple[str, ...] = ()
+    # Low-dim keys the dataset JSON feeds to the state token (default: the full `state`, which
+    # includes object poses, without cameras; the robot-only `proprio` with cameras, so that an
+    # image policy has to see the objects). Both keys are always stored.
+    proprio_keys: tuple[Literal["state", "proprio"], ...] | None = None
     # Episode length limit (default: the simulator's).
     max_steps: int | None = None
     # Parallel simulator worker processes.

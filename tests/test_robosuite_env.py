@@ -154,6 +154,7 @@ def test_robosuite_collect_train_eval_end_to_end(tmp_path) -> None:
 
     from icrt.config import CollectConfig, EvalConfig, parse_config
     from icrt.data.collect import collect
+    from icrt.data.spec import DatasetSpec
     from icrt.data.store import EpisodeStore
     from icrt.eval.rollout import evaluate
     from icrt.train.loop import train
@@ -166,6 +167,7 @@ def test_robosuite_collect_train_eval_end_to_end(tmp_path) -> None:
     assert store.num_episodes == 2 and store.episode_success.all()
     assert store.key_info("image_agentview")["shape"] == [32, 32, 3]
     assert store.key_info("proprio")["rotation"] == {"start": 3, "format": "quat_xyzw"}
+    assert DatasetSpec.load(out.with_suffix(".json")).proprio_keys == ("proprio",)
     run = train(parse_config(tiny_args(
         out.with_suffix(".json"), tmp_path / "run", "--trainer-cfg.epochs", "1",
         "--shared-cfg.seq-length", "32", "--shared-cfg.batch-size", "2",

@@ -225,7 +225,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
             write_dataset_json(
                 _dataset_json_path(path),
                 stores=[path],
-                proprio_keys=["state"],
+                proprio_keys=list(cfg.proprio_keys or (["proprio"] if cameras else ["state"])),
                 action_keys=["action"],
                 image_keys=image_keys,
                 train_split=cfg.train_split if stream == "train" else 1.0,
