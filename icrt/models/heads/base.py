@@ -108,6 +108,16 @@ def randn(
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None, deterministic: bool, like: Tensor
+) -> Tensor:
+    """Where sampling starts: zeros when ``deterministic`` (no randomness enters at all), else
+    :func:`randn` noise, on ``like``'s device and dtype."""
+    if deterministic:
+        return torch.zeros(shape, device=like.device, dtype=like.dtype)
+    return randn(shape, generator, like.device, like.dtype)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of (N,) timesteps -> (N, dim) (transformer / DDPM style)."""
     half = dim // 2

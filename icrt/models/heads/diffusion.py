@@ -15,8 +15,8 @@ from icrt.models.heads.base import (
     ActionHead,
     Denoiser,
     fill_masked_steps,
+    initial_noise,
     masked_step_mean,
-    randn,
 )
 
 
@@ -68,11 +68,7 @@ class DiffusionHead(ActionHead):
         """Denoise from Gaussian noise with ``cfg.diffusion_sampler``. ``deterministic`` starts
         from zero noise and uses DDIM with eta=0, so no randomness enters at all."""
         N = hidden.shape[0]
-        shape = (N, self.chunk_dim)
-        if deterministic:
-            x = torch.zeros(shape, device=hidden.device, dtype=hidden.dtype)
-        else:
-            x = randn(shape, generator, hidden.device, hidden.dtype)
+        x = initial_noise((N, self.chunk_dim), generator, deterministic, hidden)
         use_ddim = deterministic or self.sampler == "ddim"
         sched = self.ddim if use_ddim else self.ddpm
         sched.set_timesteps(self.num_inference_steps, device=hidden.device)

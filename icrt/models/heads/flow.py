@@ -17,8 +17,8 @@ from icrt.models.heads.base import (
     ActionHead,
     Denoiser,
     fill_masked_steps,
+    initial_noise,
     masked_step_mean,
-    randn,
 )
 
 # The time t in [0, 1] is scaled before its sinusoidal embedding so the embedding's
@@ -59,11 +59,7 @@ class FlowHead(ActionHead):
     ) -> Tensor:
         """Integrate from noise (zeros when ``deterministic``) with ``cfg.flow_solver``."""
         N = hidden.shape[0]
-        shape = (N, self.chunk_dim)
-        if deterministic:
-            x0 = torch.zeros(shape, device=hidden.device, dtype=hidden.dtype)
-        else:
-            x0 = randn(shape, generator, hidden.device, hidden.dtype)
+        x0 = initial_noise((N, self.chunk_dim), generator, deterministic, hidden)
 
         def field(t: Tensor, x: Tensor) -> Tensor:
             return self.velocity(x, t.expand(N), hidden)
