@@ -125,6 +125,16 @@ def make_expert(env: str, task: str) -> Expert:
 SEED_STREAMS = {"train": 0, "prompt": 1, "eval": 2}
 
 
+def check_env_args(image_size: int, cameras: Sequence[str], max_steps: int | None) -> None:
+    """The argument checks every adapter shares (camera names are the adapter's own)."""
+    if image_size < 0:
+        raise UserError(f"The image size must be >= 0 (got {image_size}).")
+    if cameras and image_size == 0:
+        raise UserError("Cameras were requested without an image size (--image-size N).")
+    if max_steps is not None and max_steps <= 0:
+        raise UserError(f"The episode length limit must be positive (got {max_steps}).")
+
+
 def make_renderer(model: Any, size: int) -> Any:
     """A headless ``mujoco.Renderer`` of ``size`` x ``size`` with shadows and reflections off.
 

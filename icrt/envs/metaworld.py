@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from icrt.envs.base import make_renderer
+from icrt.envs.base import check_env_args, make_renderer
 from icrt.errors import UserError
 
 CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
@@ -62,8 +62,7 @@ class MetaWorldEnv:
                 raise UserError(
                     f"Unknown Meta-World camera '{cam}'; choose from {', '.join(CAMERAS)}."
                 )
-        if cameras and image_size <= 0:
-            raise UserError("Cameras were requested without an image size (--image-size N).")
+        check_env_args(image_size, cameras, max_steps)
         self.task = task
         self.cameras = tuple(cameras)
         self.image_size = int(image_size)

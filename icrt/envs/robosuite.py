@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from icrt.envs.base import make_renderer
+from icrt.envs.base import check_env_args, make_renderer
 from icrt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,7 @@ class RobosuiteEnv:
     ) -> None:
         _check_task(task)
         cameras = tuple(cameras)
-        if image_size < 0:
-            raise UserError(f"image_size must be >= 0, got {image_size}.")
-        if cameras and image_size == 0:
-            raise UserError("Cameras were requested with image_size 0; pass image_size > 0.")
-        if max_steps is not None and max_steps <= 0:
-            raise UserError(f"max_steps must be positive, got {max_steps}.")
+        check_env_args(image_size, cameras, max_steps)
         if control_freq <= 0:
             raise UserError(f"control_freq must be positive, got {control_freq}.")
         self.task = task
