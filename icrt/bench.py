@@ -8,9 +8,30 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
+
+
+def hf_llama_config(cfg: Any, **overrides: Any) -> Any:
+    """The ``transformers.LlamaConfig`` of the same shape as our backbone's ``LlamaConfig``
+    (SDPA attention; its token embedding is unused, hidden states are fed directly)."""
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    kwargs = dict(
+        vocab_size=8,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        max_position_embeddings=cfg.max_seq_len,
+        attn_implementation="sdpa",
+    )
+    return HFLlamaConfig(**{**kwargs, **overrides})
 
 
 def benchmark_backbone_train(
@@ -30,7 +51,6 @@ def benchmark_backbone_train(
     throttling, other jobs) hits both equally. Returns one row per model with ``ms_per_step``
     (median), ``tokens_per_s`` and ``relative_speed`` (tokens/s relative to transformers).
     """
-    from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaModel
 
     from icrt.models.backbones.llama import LlamaBackbone, LlamaConfig
@@ -41,20 +61,7 @@ def benchmark_backbone_train(
     dev = torch.device(device)
     torch.manual_seed(0)
     ours = LlamaBackbone(cfg).to(device=dev, dtype=dtype).train()
-    hf_cfg = HFLlamaConfig(
-        vocab_size=8,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        max_position_embeddings=seq_len,
-        attn_implementation="sdpa",
-        use_cache=False,
-    )
-    theirs = LlamaModel(hf_cfg).to(device=dev, dtype=dtype).train()
+    theirs = LlamaModel(hf_llama_config(cfg, use_cache=False)).to(device=dev, dtype=dtype).train()
     x = torch.randn(batch_size, seq_len, cfg.dim, device=dev, dtype=dtype)
 
     def run_ours() -> None:

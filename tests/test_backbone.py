@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from icrt.bench import hf_llama_config
 from icrt.config import PolicyConfig
 from icrt.errors import UserError
 from icrt.models.backbones import build_backbone, llama
@@ -203,18 +204,7 @@ def test_matches_transformers_llama() -> None:
     transformers = pytest.importorskip("transformers")
     model = make(n_kv_heads=2)
     cfg = model.config
-    hf = transformers.LlamaModel(
-        transformers.LlamaConfig(
-            vocab_size=8,
-            hidden_size=cfg.dim,
-            intermediate_size=cfg.ffn_hidden_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.kv_heads,
-            rms_norm_eps=cfg.norm_eps,
-            attn_implementation="sdpa",
-        )
-    ).eval()
+    hf = transformers.LlamaModel(hf_llama_config(cfg)).eval()
 
     def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
         out, inp = w.shape
