@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -29,6 +30,8 @@ Norm = Literal["mean_std", "min_max", "q01_q99", "none"]
 
 
 def _positive(value: float, flag: str, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):  # NaN passes every comparison below
+        raise ValueError(f"{flag} must be a finite number (got {value}).")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{flag} must be {bound} (got {value}).")
@@ -305,8 +308,11 @@ class SharedConfig:
     seed: int = 0
     # Save a checkpoint every N epochs (and always after the last).
     save_every: int = 5
-    # Resume from this checkpoint directory, or from a run directory's latest checkpoint.
+    # Resume from this checkpoint directory, or from a run directory's newest intact checkpoint
+    # (damaged ones are skipped, with a warning).
     resume: str | None = None
+    # Keep only the newest N checkpoint-<epoch> directories (0: keep all); best/ is kept.
+    keep_last: int = 3
     # Actions predicted per state token (the action chunk length).
     num_pred_steps: int = 16
     # Predict actions relative to the current pose (needs an action key that declares its
@@ -319,6 +325,7 @@ class SharedConfig:
         _positive(self.seq_length, p + "seq-length")
         _positive(self.save_every, p + "save-every")
         _positive(self.num_pred_steps, p + "num-pred-steps")
+        _positive(self.keep_last, p + "keep-last", allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,8 +567,12 @@ class CollectConfig:
     max_attempts_per_episode: int = 3
     # Fraction of each task's episodes the dataset JSON puts in the training split.
     train_split: float = 0.9
-    # Replace existing output stores.
+    # Replace existing output stores (the new ones are built aside and swapped in only when
+    # the whole collection succeeded).
     overwrite: bool = False
+    # Continue an interrupted collection: keep the stores' episodes and collect the rest with
+    # the same seeds (the result equals an uninterrupted run).
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -577,3 +588,6 @@ class CollectConfig:
             raise ValueError(f"--out must end in .zarr (got {self.out}).")
         if not 0.0 < self.train_split <= 1.0:
             raise ValueError(f"--train-split must be in (0, 1] (got {self.train_split}).")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite and --resume exclude each other: replace the stores "
+                             "or continue them.")

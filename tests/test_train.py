@@ -49,7 +49,7 @@ def test_tiny_run_writes_checkpoint_that_reloads_identically(reach_json, tmp_pat
     run = train(cfg, progress=False)
     ckpt = run / "checkpoint-1"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "config.json", "model.safetensors", "stats.json", "train_state.pt"]
+        "config.json", "manifest.json", "model.safetensors", "stats.json", "train_state.pt"]
     assert json.loads((run / "split.json").read_text())["val"]
     records = run_metrics(run)
     assert any("epoch/val_loss" in r for r in records)

@@ -11,12 +11,20 @@ Episodes are simulated in worker processes and written by this process in a fixe
 then attempt index), so the stores are identical for the same flags whatever the worker count.
 An episode ends at the first success or at the step limit; failures are retried with the next
 seed unless ``keep_failures`` is set, in which case they are stored and flagged.
+
+Nothing already collected is lost: a new store's dataset JSON is written at its first commit, so
+a killed collection is usable as it stands and ``resume`` continues it to the asked count with
+the same seeds (the result equals an uninterrupted run); ``overwrite`` builds the new stores
+beside the old ones and swaps them in only when every task succeeded; a collection that fails
+before its first episode removes the empty store it made.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,9 +37,10 @@ import numpy as np
 
 from icrt.config import CollectConfig
 from icrt.data.spec import write_dataset_json
-from icrt.data.store import EpisodeStore
+from icrt.data.store import EpisodeStore, acquire_lock, release_lock
 from icrt.envs.base import check_tasks, default_cameras, episode_seed, make_env, make_expert
 from icrt.errors import UserError
+from icrt.fsutil import fsync_path, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +134,44 @@ def _dataset_json_path(store: Path) -> Path:
     return store.with_suffix(".json")
 
 
+# Fields that change what a collection writes; --resume requires them unchanged.
+_CONTENT_FIELDS = ("env", "tasks", "keep_failures", "image_size", "cameras", "proprio_keys",
+                   "max_steps", "seed", "max_attempts_per_episode", "train_split")
+def _recorded_config(cfg: CollectConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "resume")}
+
+
+def _open_for_resume(path: Path, cfg: CollectConfig) -> EpisodeStore:
+    """Reopen a store for --resume after checking it was collected with the same settings."""
+    store = EpisodeStore.open(path, mode="a")
+    before = store.env.get("collect")
+    if store.num_episodes and before is not None:
+        now = json.loads(json.dumps(_recorded_config(cfg)))
+        changed = [k for k in _CONTENT_FIELDS if before.get(k) != now.get(k)]
+        if changed:
+            store.close()
+            raise UserError(
+                f"Cannot resume '{path}': it was collected with different "
+                f"--{changed[0].replace('_', '-')} ({before.get(changed[0])!r}, now "
+                f"{now.get(changed[0])!r}); use the same flags or --overwrite."
+            )
+    foreign = sorted(set(store.tasks) - set(cfg.tasks))
+    if foreign:
+        store.close()
+        raise UserError(f"Cannot resume '{path}': it holds task(s) {', '.join(foreign)} that "
+                        f"--tasks does not list.")
+    return store
+
+
+def _attempt_index(cfg: CollectConfig, stream: str, task: str, seed: int, cap: int) -> int:
+    """The attempt index whose episode seed is ``seed`` (seeds are a hash of the index)."""
+    for i in range(cap):
+        if episode_seed(cfg.seed, stream, task, i) == seed:
+            return i
+    raise UserError(f"An episode of '{task}' has seed {seed}, which --seed {cfg.seed} does not "
+                    f"give; it was collected with other flags, so --resume cannot continue it.")
+
+
 def _check_same_layout(env_name: str, tasks: tuple[str, ...], image_size: int,
                        cameras: tuple[str, ...], max_steps: int | None) -> None:
     """One store holds one observation layout: fail before collecting, not after 100 episodes."""
@@ -156,36 +203,71 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     cameras = tuple(cfg.cameras) or (default_cameras(cfg.env) if cfg.image_size else ())
     if cameras and not cfg.image_size:
         raise UserError("--cameras needs --image-size N (the side length of rendered images).")
-    _check_same_layout(cfg.env, cfg.tasks, cfg.image_size, cameras, cfg.max_steps)
     out = Path(cfg.out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"--out '{out}' is inside '{out.parent}', which is a file.")
     splits = [("train", out, cfg.episodes_per_task)]
     if cfg.prompt_episodes_per_task:
         splits.append(
             ("prompt", out.with_name(out.stem + "_prompts.zarr"), cfg.prompt_episodes_per_task)
         )
     for _, path, _ in splits:
-        if path.exists() and not cfg.overwrite:
-            raise UserError(f"'{path}' already exists; pass --overwrite to replace it.")
+        if path.exists() and not (cfg.overwrite or cfg.resume) and not _empty_store(path):
+            raise UserError(f"'{path}' already exists; pass --resume to continue it or "
+                            f"--overwrite to replace it.")
+    _check_same_layout(cfg.env, cfg.tasks, cfg.image_size, cameras, cfg.max_steps)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out.parent, r"^\.(.+\.zarr)\.(collect|old)-(?P<pid>\d+)$",
+                     "--overwrite collection")
+    image_keys = [f"image_{c}" for c in cameras]
+    json_fields = dict(
+        proprio_keys=list(cfg.proprio_keys or (["proprio"] if cameras else ["state"])),
+        action_keys=["action"],
+        image_keys=image_keys,
+    )
 
-    total = sum(n for _, _, n in splits) * len(cfg.tasks)
-    bar = tqdm(total=total, desc=f"collect {cfg.env}", unit="ep", disable=not progress)
+    # Where each split is written: the store itself, or (overwrite) a partial store beside it
+    # that replaces it at the end; the final paths stay locked against other writers meanwhile.
+    locks = [acquire_lock(path) for _, path, _ in splits]
+    targets: dict[str, Path] = {}
+    stores: dict[str, EpisodeStore] = {}
     executor = None
-    if cfg.workers > 1:
-        executor = ProcessPoolExecutor(
-            cfg.workers, mp_context=get_context("spawn"), initializer=_worker_init
-        )
-    else:
-        _worker_init()
+    bar = None
     summary: dict[str, Any] = {"tasks": {}, "stores": {}}
-    t_start = time.perf_counter()
     sim_steps = 0
+    t_start = time.perf_counter()
     try:
+        for stream, path, _ in splits:
+            if cfg.overwrite and path.exists():
+                targets[stream] = path.with_name(f".{path.name}.collect-{os.getpid()}")
+                stores[stream] = EpisodeStore.create(targets[stream], overwrite=True)
+            elif path.exists() and (cfg.resume or _empty_store(path)):
+                targets[stream] = path
+                stores[stream] = (_open_for_resume(path, cfg) if cfg.resume
+                                  else EpisodeStore.create(path, overwrite=True))
+            else:
+                targets[stream] = path
+                stores[stream] = EpisodeStore.create(path)
+        done = sum(s.num_episodes for s in stores.values())
+        total = sum(n for _, _, n in splits) * len(cfg.tasks)
+        bar = tqdm(total=total, initial=min(done, total), desc=f"collect {cfg.env}", unit="ep",
+                   disable=not progress)
+        if cfg.workers > 1:
+            executor = ProcessPoolExecutor(
+                cfg.workers, mp_context=get_context("spawn"), initializer=_worker_init
+            )
+        else:
+            _worker_init()
         for stream, path, wanted in splits:
-            store = EpisodeStore.create(path, env={}, overwrite=cfg.overwrite)
+            store, target = stores[stream], targets[stream]
             for task in cfg.tasks:
-                kept, attempts, next_index = 0, 0, 0
                 cap = wanted * cfg.max_attempts_per_episode
+                mine = [i for i, t in enumerate(store.episode_task_names) if t == task]
+                kept = len(mine)
+                attempts = next_index = 0
+                if mine:  # resuming: continue after the attempt that gave the last kept one
+                    last = int(store.episode_seed[mine[-1]])
+                    attempts = next_index = _attempt_index(cfg, stream, task, last, cap) + 1
                 while kept < wanted and attempts < cap:
                     # ask for what is missing; failures lead to another round, in attempt order
                     n = min(cap - attempts, wanted - kept)
@@ -209,8 +291,11 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
                                 fps=result["fps"],
                                 env={"name": cfg.env, "cameras": list(cameras),
                                      "image_size": cfg.image_size,
-                                     "max_steps": result["max_steps"], "collect": asdict(cfg)},
+                                     "max_steps": result["max_steps"],
+                                     "collect": _recorded_config(cfg)},
                             )
+                            if target == path:  # usable (and resumable) from the first commit
+                                _write_json(path, stream, cfg, json_fields)
                         kept += 1
                         bar.update(1)
                         bar.set_postfix(task=task, success=f"{kept}/{attempts}")
@@ -221,22 +306,32 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
                         f" attempts; pass --keep-failures or raise --max-attempts-per-episode."
                     )
             store.close()
-            image_keys = [f"image_{c}" for c in cameras]
-            write_dataset_json(
-                _dataset_json_path(path),
-                stores=[path],
-                proprio_keys=list(cfg.proprio_keys or (["proprio"] if cameras else ["state"])),
-                action_keys=["action"],
-                image_keys=image_keys,
-                train_split=cfg.train_split if stream == "train" else 1.0,
-            )
             summary["stores"][stream] = str(path)
+        # every split succeeded: swap the rebuilt stores in, then write the dataset JSONs
+        for stream, path, _ in splits:
+            if targets[stream] != path:
+                _swap_in(targets[stream], path)
+                targets[stream] = path
+            _write_json(path, stream, cfg, json_fields)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if executor is not None:
             executor.shutdown(cancel_futures=True)
         else:
             close_worker_envs()
+        for stream, path, _ in splits:
+            store = stores.get(stream)
+            if store is None:
+                continue
+            store.close()
+            target = targets[stream]
+            if target != path:  # a failed --overwrite: the old store stays as it was
+                shutil.rmtree(target, ignore_errors=True)
+            elif store.num_episodes == 0:  # failed before its first episode: leave nothing
+                shutil.rmtree(path, ignore_errors=True)
+        for fd in locks:
+            release_lock(fd)
     seconds = time.perf_counter() - t_start
     episodes = sum(v["kept"] for t in summary["tasks"].values() for v in t.values())
     summary.update(
@@ -246,3 +341,26 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         sim_steps_per_s=sim_steps / max(seconds, 1e-9),
     )
     return summary
+
+
+def _empty_store(path: Path) -> bool:
+    """An icrt store without a committed episode (what a killed or failed collect leaves)."""
+    try:
+        store = EpisodeStore.open(path)
+    except UserError:
+        return False
+    return store.num_episodes == 0
+
+
+def _write_json(path: Path, stream: str, cfg: CollectConfig, fields: dict[str, Any]) -> None:
+    write_dataset_json(_dataset_json_path(path), stores=[path], **fields,
+                       train_split=cfg.train_split if stream == "train" else 1.0)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Replace the store at ``path`` by ``new`` (a rename each; the old one goes last)."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(new, path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -15,9 +15,20 @@ Layout (diffusion_policy's replay buffer, extended with tasks and flags)::
                              normalisation stats per key (mean, std, min, max, q01, q99)
 
 Crash safety: an episode is written as data rows, then meta rows, and is committed last by
-bumping ``attrs["num_episodes"]`` (zarr's local store replaces files atomically). Readers see
-only committed episodes; a writer that reopens a store rolls uncommitted rows back. So a writer
-killed at any moment leaves a store holding exactly its completed episodes.
+bumping ``attrs["num_episodes"]`` (zarr's local store replaces files atomically); the chunk
+files of the episode are fsynced before that write and the attributes after it, so neither a
+kill nor a power cut tears a commit. Readers see only committed episodes; a writer that reopens
+a store rolls uncommitted rows back. So a writer killed at any moment leaves a store holding
+exactly its completed episodes. One writer at a time: writers hold an exclusive ``fcntl`` lock
+on ``.NAME.zarr.lock`` beside the store, and a second one fails at once.
+
+Integrity: chunks are zstd frames with a content checksum, so a corrupted or truncated chunk
+fails to decode; a *missing* chunk (which zarr would silently read as zeros) is found on open by
+checking that every chunk file the committed rows need exists. Both become one sentence naming
+the store, the key and the episodes affected; :meth:`EpisodeStore.verify` (and
+``scripts/check_store.py``) scans a whole store. Non-finite values are refused when written.
+A key's rows live in the array ``attrs["arrays"].get(key, key)``, so ``write_key(overwrite=True)``
+writes the new column beside the old one and swaps them with the same single commit.
 
     store = EpisodeStore.create("data/demo.zarr", env={"name": "metaworld"}, fps=80)
     store.add_episode({"state": s, "action": a}, task="reach-v3", success=True)
@@ -28,7 +39,10 @@ killed at any moment leaves a store holding exactly its completed episodes.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,8 +50,10 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from icrt.errors import UserError
+from icrt.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +72,11 @@ _LOWDIM_CHUNK = 4096
 _IMAGE_CHUNK_BYTES = 4 << 20
 # Quantile statistics are estimated from at most this many rows per key.
 _MAX_STAT_ROWS = 1_000_000
+# zstd frames carry a checksum of their content: a damaged chunk fails to decode.
+_COMPRESSOR = ZstdCodec(level=0, checksum=True)
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+_RESERVED_ATTRS = {"complete_chunks", "format", "version", "num_episodes", "keys", "arrays", "stats",
+                   "stats_num_steps"}
 
 
 def key_kind(key: str) -> str:
@@ -89,16 +110,67 @@ def compute_stats(x: np.ndarray) -> dict[str, list[float]]:
     return {k: v.astype(np.float64).tolist() for k, v in out.items()}
 
 
+def lock_path(path: str | Path) -> Path:
+    """The lock file a writer of the store at ``path`` holds (beside the store)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def acquire_lock(path: str | Path) -> int:
+    """Take the exclusive writer lock of a store path; returns its file descriptor.
+
+    POSIX record locks belong to the process: the kernel drops them when it dies (kill -9
+    included), and the same process may take a lock it already holds.
+    """
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise UserError(
+                f"Episode store '{path}' is being written by another process (it holds "
+                f"'{lock}'); wait for it to finish or stop it first."
+            ) from None
+        raise
+    return fd
+
+
+def release_lock(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)  # closing the descriptor releases the lock
+        except OSError:
+            pass
+
+
+def _damaged(path: Path, what: str) -> UserError:
+    return UserError(
+        f"Episode store '{path}' is damaged: {what}; restore it from a copy or collect it "
+        f"again (scripts/check_store.py {path} lists every problem)."
+    )
+
+
 class EpisodeStore:
     """Reader and (single) writer of one ``.zarr`` episode store."""
 
-    def __init__(self, path: Path, group: zarr.Group, writable: bool) -> None:
+    def __init__(self, path: Path, group: zarr.Group, writable: bool,
+                 lock_fd: int | None = None) -> None:
         self.path = path
         self._root = group
         self._writable = writable
+        self._lock_fd = lock_fd
         self._attrs: dict[str, Any] = dict(group.attrs)
         n = int(self._attrs["num_episodes"])
-        self._meta = {k: np.asarray(group["meta"][k][:n]) for k in _META}
+        self._meta = {}
+        for k in _META:
+            arr = self._open_array("meta", k)
+            if arr.shape[0] < n:
+                raise _damaged(path, f"'meta/{k}' has {arr.shape[0]} rows but {n} episodes "
+                                     f"are committed")
+            self._meta[k] = self._read_array(arr, f"meta/{k}", 0, n, meta=True)
         self._stats_cache: dict[str, dict[str, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ open / create
@@ -114,45 +186,67 @@ class EpisodeStore:
     ) -> EpisodeStore:
         """Create an empty store for writing. Refuses to replace an existing one unless asked."""
         path = Path(path)
-        if path.exists():
-            if not overwrite:
-                raise UserError(
-                    f"Episode store '{path}' already exists; pass overwrite to replace it."
-                )
-            shutil.rmtree(path)
-        root = zarr.open_group(str(path), mode="w")
-        root.require_group("data")
-        meta = root.require_group("meta")
-        for name, dtype in _META.items():
-            meta.create_array(name, shape=(0,), dtype=dtype, chunks=(_LOWDIM_CHUNK,))
-        root.attrs.update(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "num_episodes": 0,
-                "tasks": [],
-                "fps": fps,
-                "env": dict(env or {}),
-                "keys": {},
-                "stats": {},
-                "stats_num_steps": 0,
-            }
-        )
-        return cls(path, root, writable=True)
+        fd = acquire_lock(path)
+        try:
+            if path.exists():
+                if not overwrite:
+                    raise UserError(
+                        f"Episode store '{path}' already exists; pass overwrite to replace it."
+                    )
+                shutil.rmtree(path)
+            root = zarr.open_group(str(path), mode="w")
+            root.require_group("data")
+            meta = root.require_group("meta")
+            for name, dtype in _META.items():
+                meta.create_array(name, shape=(0,), dtype=dtype, chunks=(_LOWDIM_CHUNK,),
+                                  compressors=_COMPRESSOR, config=_ARRAY_CONFIG)
+            root.attrs.update(
+                {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "num_episodes": 0,
+                    "tasks": [],
+                    "fps": fps,
+                    "env": dict(env or {}),
+                    "keys": {},
+                    "arrays": {},
+                    "stats": {},
+                    "stats_num_steps": 0,
+                    # written by a version that stores every chunk (so absence is damage)
+                    "complete_chunks": True,
+                }
+            )
+            fsync_path(path / "zarr.json")
+            fsync_path(path)
+            fsync_path(path.parent)
+        except BaseException:
+            release_lock(fd)
+            raise
+        return cls(path, root, writable=True, lock_fd=fd)
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> EpisodeStore:
-        """Open a store for reading (``"r"``) or appending (``"a"``); validates the format."""
+        """Open a store for reading (``"r"``) or appending (``"a"``); validates the format and
+        that every committed chunk is present."""
         path = Path(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
         if not path.exists():
             raise UserError(f"Episode store '{path}' does not exist.")
+        if not path.is_dir():
+            raise UserError(f"Episode store '{path}' is a file, not a .zarr directory.")
+        if not (path / "zarr.json").is_file():
+            raise UserError(f"'{path}' is not a zarr episode store (it has no zarr.json).")
         try:
             root = zarr.open_group(str(path), mode="r+" if mode == "a" else "r")
-        except Exception as e:  # zarr raises several types for a non-store directory
-            raise UserError(f"'{path}' is not a zarr episode store ({type(e).__name__}).") from None
-        attrs = dict(root.attrs)
+            attrs = dict(root.attrs)
+        except PermissionError as e:
+            raise UserError(f"Episode store '{path}' cannot be read: {e.strerror}.") from None
+        except (ValueError, KeyError, TypeError) as e:  # json errors are ValueErrors
+            raise UserError(
+                f"'{path}' is not a readable zarr episode store: its zarr.json is invalid "
+                f"({type(e).__name__}: {e})."
+            ) from None
         if attrs.get("format") != FORMAT:
             raise UserError(
                 f"'{path}' is not an icrt episode store (format {attrs.get('format')!r}, "
@@ -163,28 +257,105 @@ class EpisodeStore:
                 f"Episode store '{path}' has format version {attrs.get('version')}, but this "
                 f"icrt reads version {VERSION}."
             )
-        store = cls(path, root, writable=mode == "a")
-        if mode == "a":
-            store._rollback()
+        fd = acquire_lock(path) if mode == "a" else None
+        try:
+            store = cls(path, root, writable=mode == "a", lock_fd=fd)
+            if mode == "a":
+                store._rollback()
+            store._check_chunks()
+        except BaseException:
+            release_lock(fd)
+            raise
         return store
 
     def _rollback(self) -> None:
-        """Drop rows an interrupted writer left past the last committed episode."""
+        """Drop rows an interrupted writer left past the last committed episode, and arrays no
+        committed key points at (a key whose first episode, or whose rewrite, never committed)."""
         n = self.num_episodes
         end = self.num_steps
+        live = {self._array_name(k) for k in self.keys}
+        for name in list(self._root["data"].keys()):
+            if name not in live:
+                log.warning("%s: removing uncommitted array 'data/%s'", self.path, name)
+                del self._root["data"][name]
         for key in self.keys:
-            arr = self._root["data"][key]
+            arr = self.array(key)
             if arr.shape[0] != end:
                 log.warning("%s: rolling back %d uncommitted rows of '%s'", self.path,
                             arr.shape[0] - end, key)
                 arr.resize((end, *arr.shape[1:]))
-        for key in list(self._root["data"].keys()):
-            if key not in self.keys:  # a key whose first episode never committed
-                del self._root["data"][key]
         for name in _META:
-            arr = self._root["meta"][name]
+            arr = self._open_array("meta", name)
             if arr.shape[0] != n:
                 arr.resize((n,))
+
+    def _open_array(self, group: str, name: str) -> zarr.Array:
+        try:
+            # every chunk is written, even an all-zero one: a missing file is then damage
+            return self._root[group][name].with_config(_ARRAY_CONFIG)
+        except KeyError:
+            raise _damaged(self.path, f"the array '{group}/{name}' is missing") from None
+        except (ValueError, TypeError) as e:
+            raise _damaged(self.path, f"the metadata of '{group}/{name}' is unreadable "
+                                      f"({type(e).__name__}: {e})") from None
+
+    def _chunk_files(self, arr: zarr.Array, group: str, name: str,
+                     rows: int) -> list[tuple[Path, int]]:
+        """(file, first row) of every chunk holding rows ``0:rows`` (default key encoding)."""
+        enc = arr.metadata.chunk_key_encoding if hasattr(arr.metadata, "chunk_key_encoding") \
+            else None
+        if getattr(enc, "name", None) != "default" or getattr(enc, "separator", "/") != "/":
+            return []
+        step = int(arr.chunks[0])
+        rest = "/".join("0" for _ in arr.shape[1:])
+        folder = self.path / group / name / "c"
+        return [(folder / (f"{i}/{rest}" if rest else str(i)), i * step)
+                for i in range(-(-rows // step))]
+
+    def _check_chunks(self) -> None:
+        """Every chunk file the committed rows need must exist: zarr reads a missing one as
+        zeros, which would silently become training data. Stores written before every chunk
+        was stored (no ``complete_chunks`` attribute) cannot tell missing from empty."""
+        if not self._attrs.get("complete_chunks"):
+            return
+        n_steps = self.num_steps
+        for key in self.keys:
+            name = self._array_name(key)
+            arr = self._open_array("data", name)
+            if arr.shape[0] < n_steps:
+                raise _damaged(self.path, f"'data/{name}' has {arr.shape[0]} rows but "
+                                          f"{n_steps} steps are committed")
+            for f, row in self._chunk_files(arr, "data", name, n_steps):
+                if not f.is_file():
+                    eps = self._episodes_of_rows(row, row + int(arr.chunks[0]))
+                    raise _damaged(self.path, f"chunk file '{f.relative_to(self.path)}' of key "
+                                              f"'{key}' ({eps}) is missing")
+        for name in _META:
+            arr = self._open_array("meta", name)
+            for f, _ in self._chunk_files(arr, "meta", name, self.num_episodes):
+                if not f.is_file():
+                    raise _damaged(self.path, f"chunk file '{f.relative_to(self.path)}' of "
+                                              f"'meta/{name}' is missing")
+
+    def _episodes_of_rows(self, start: int, stop: int) -> str:
+        """'episode 3' or 'episodes 3-7': the committed episodes overlapping rows start:stop."""
+        ends = self.episode_ends
+        if not len(ends):
+            return "no committed episode"
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, max(start, stop - 1), side="right"))
+        last = min(last, len(ends) - 1)
+        first = min(first, last)
+        return f"episode {first}" if first == last else f"episodes {first}-{last}"
+
+    def _read_array(self, arr: zarr.Array, where: str, start: int, stop: int,
+                    meta: bool = False) -> np.ndarray:
+        try:
+            return np.asarray(arr[start:stop])
+        except (RuntimeError, ValueError, OSError, TypeError) as e:
+            what = f"rows {start}-{stop}" if meta else self._episodes_of_rows(start, stop)
+            raise _damaged(self.path, f"'{where}' does not decode at {what} "
+                                      f"({type(e).__name__}: {e})") from None
 
     # ------------------------------------------------------------------ properties
 
@@ -255,6 +426,9 @@ class EpisodeStore:
         self._require_key(key)
         return dict(self._attrs["keys"][key])
 
+    def _array_name(self, key: str) -> str:
+        return self._attrs.get("arrays", {}).get(key, key)
+
     def __repr__(self) -> str:
         return (f"EpisodeStore('{self.path}', episodes={self.num_episodes}, "
                 f"steps={self.num_steps}, keys={self.keys})")
@@ -275,9 +449,8 @@ class EpisodeStore:
 
     def read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of ``data/<key>`` in global (concatenated) time."""
-        self._require_key(key)
         stop = min(stop, self.num_steps)
-        return np.asarray(self._root["data"][key][start:stop])
+        return self._read_array(self.array(key), f"data/{key}", start, stop)
 
     def load(self, key: str) -> np.ndarray:
         """Every committed row of a key (use for low-dim keys)."""
@@ -302,7 +475,54 @@ class EpisodeStore:
     def array(self, key: str) -> zarr.Array:
         """The raw zarr array of a key (rows past ``num_steps`` are not committed)."""
         self._require_key(key)
-        return self._root["data"][key]
+        return self._open_array("data", self._array_name(key))
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Scan the whole store: every chunk present and decodable (checksums verified), meta
+        rows consistent, float keys finite. Returns one sentence per problem (empty: intact)."""
+        from tqdm import tqdm
+
+        problems: list[str] = []
+        ends = self.episode_ends
+        if len(ends) and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
+            problems.append("meta/episode_ends is not strictly increasing")
+        if len(self.episode_task) and int(self.episode_task.max()) >= len(self.tasks):
+            problems.append("meta/episode_task points past the task list")
+        keys = self.keys
+        bar = tqdm(total=len(keys) * self.num_steps, desc=f"check {self.path.name}",
+                   unit="row", disable=not progress)
+        for key in keys:
+            try:
+                arr = self.array(key)
+            except UserError as e:
+                problems.append(str(e))
+                continue
+            if arr.shape[0] < self.num_steps:
+                problems.append(f"'data/{key}' has {arr.shape[0]} rows but {self.num_steps} "
+                                f"steps are committed")
+                continue
+            step = int(arr.chunks[0])
+            files = self._chunk_files(arr, "data", self._array_name(key), self.num_steps)
+            for f, row in files if self._attrs.get("complete_chunks") else ():
+                if not f.is_file():
+                    problems.append(f"chunk file '{f.relative_to(self.path)}' of key '{key}' "
+                                    f"({self._episodes_of_rows(row, row + step)}) is missing")
+            for start in range(0, self.num_steps, step):
+                stop = min(start + step, self.num_steps)
+                try:
+                    rows = self.read(key, start, stop)
+                except UserError as e:
+                    problems.append(str(e))
+                    continue
+                finally:
+                    bar.update(stop - start)
+                if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+                    bad = start + int(np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1))
+                                                     .all(1))[0])
+                    problems.append(f"key '{key}' has a non-finite value in "
+                                    f"{self._episodes_of_rows(bad, bad + 1)}")
+        bar.close()
+        return problems
 
     # ------------------------------------------------------------------ statistics
 
@@ -344,6 +564,8 @@ class EpisodeStore:
     def _update_attrs(self, **changes: Any) -> None:
         self._attrs.update(changes)
         self._root.attrs.update(changes)
+        fsync_path(self.path / "zarr.json")
+        fsync_path(self.path)
 
     def set_key_meta(self, key: str, **extra: Any) -> None:
         """Attach extra JSON metadata to a key, e.g. ``rotation={"start": 3, "format": ...}``."""
@@ -356,26 +578,52 @@ class EpisodeStore:
     def set_attrs(self, **values: Any) -> None:
         """Update free-form store attributes (``env``, ``fps``, ...)."""
         self._check_writable()
-        reserved = {"format", "version", "num_episodes", "keys", "stats", "stats_num_steps"}
-        bad = reserved & set(values)
+        bad = _RESERVED_ATTRS & set(values)
         if bad:
             raise ValueError(f"attributes {sorted(bad)} are managed by the store")
         self._update_attrs(**values)
 
-    def _create_key(self, key: str, value: np.ndarray) -> None:
-        kind = key_kind(key)
+    def _create_array(self, name: str, value: np.ndarray) -> zarr.Array:
+        kind = key_kind(name)
         step_shape = tuple(value.shape[1:])
         if kind in ("image", "feature"):  # large rows: chunks of about 4 MB
             frame = max(1, int(np.prod(step_shape)) * value.dtype.itemsize)
             rows = max(1, min(256, _IMAGE_CHUNK_BYTES // frame))
         else:
             rows = _LOWDIM_CHUNK
-        self._root["data"].create_array(
-            key, shape=(0, *step_shape), dtype=value.dtype, chunks=(rows, *step_shape)
+        return self._root["data"].create_array(
+            name, shape=(0, *step_shape), dtype=value.dtype, chunks=(rows, *step_shape),
+            compressors=_COMPRESSOR, config=_ARRAY_CONFIG,
         )
-        keys = {k: dict(v) for k, v in self._attrs["keys"].items()}
-        keys[key] = {"kind": kind, "shape": list(step_shape), "dtype": str(value.dtype)}
-        self._attrs["keys"] = keys  # committed together with the episode
+
+    @staticmethod
+    def _key_record(key: str, value: np.ndarray) -> dict[str, Any]:
+        return {"kind": key_kind(key), "shape": list(value.shape[1:]), "dtype": str(value.dtype)}
+
+    def _check_finite(self, key: str, rows: np.ndarray, what: str) -> None:
+        """Refuse NaN/inf at write time, where the culprit is still known."""
+        if rows.dtype.kind not in "fc":
+            return
+        for lo in range(0, len(rows), 65536):  # bounded memory for large feature columns
+            part = np.asarray(rows[lo : lo + 65536]).reshape(min(65536, len(rows) - lo), -1)
+            bad = np.flatnonzero(~np.isfinite(part).all(1))
+            if len(bad):
+                raise UserError(
+                    f"{what} has a non-finite value (NaN or inf) in '{key}' at step "
+                    f"{lo + int(bad[0])}; '{self.path}' accepts finite numbers only."
+                )
+
+    def _sync_rows(self, arr: zarr.Array, group: str, name: str, start: int, stop: int) -> None:
+        """fsync the chunk files holding rows start:stop, and their folders."""
+        step = int(arr.chunks[0])
+        folders = set()
+        for f, row in self._chunk_files(arr, group, name, stop):
+            if row + step > start:
+                fsync_path(f)
+                folders.add(f.parent)
+        for folder in folders:
+            fsync_path(folder)
+        fsync_path(self.path / group / name / "zarr.json")
 
     def add_episode(
         self,
@@ -396,7 +644,9 @@ class EpisodeStore:
             raise UserError(
                 f"Episode for '{self.path}' has keys of different or zero lengths: {lengths}."
             )
-        if self.num_episodes:
+        n = self.num_episodes
+        keys = {k: dict(v) for k, v in self._attrs["keys"].items()}
+        if n:
             known = set(self.keys)
             if set(arrays) != known:
                 missing, extra = sorted(known - set(arrays)), sorted(set(arrays) - known)
@@ -405,29 +655,34 @@ class EpisodeStore:
                     f"unexpected {extra}."
                 )
             for k, v in arrays.items():
-                info = self._attrs["keys"][k]
+                info = keys[k]
                 if list(v.shape[1:]) != info["shape"]:
                     raise UserError(
                         f"Key '{k}' of store '{self.path}' has step shape {tuple(info['shape'])},"
                         f" but the episode has {tuple(v.shape[1:])}."
                     )
                 arrays[k] = v.astype(info["dtype"], copy=False)
-        else:
+        for k, v in arrays.items():
+            self._check_finite(k, v, f"Episode {n} for store '{self.path}'")
+        if not n:
+            keys = {}
             for k, v in arrays.items():
                 if k not in self._root["data"]:
-                    self._create_key(k, v)
+                    self._create_array(k, v)
+                keys[k] = self._key_record(k, v)
+            self._attrs["keys"] = keys  # committed together with the episode
         start = self.num_steps
         # 1) data rows (invisible until committed)
         for k, v in arrays.items():
-            arr = self._root["data"][k]
+            arr = self.array(k)
             if arr.shape[0] != start:  # leftovers of an interrupted write
                 arr.resize((start, *arr.shape[1:]))
             arr.append(v, axis=0)
+            self._sync_rows(arr, "data", self._array_name(k), start, start + length)
         # 2) meta rows
         tasks = self.tasks
         if task not in tasks:
             tasks.append(task)
-        n = self.num_episodes
         row = {
             "episode_ends": start + length,
             "episode_task": tasks.index(task),
@@ -436,54 +691,70 @@ class EpisodeStore:
             "episode_seed": int(seed),
         }
         for name, value in row.items():
-            arr = self._root["meta"][name]
+            arr = self._open_array("meta", name)
             if arr.shape[0] != n:
                 arr.resize((n,))
             arr.append(np.asarray([value], dtype=_META[name]))
-            self._meta[name] = np.append(self._meta[name], np.asarray(value, _META[name]))
+            self._sync_rows(arr, "meta", name, n, n + 1)
         # 3) commit: one atomic rewrite of the root attributes
         self._update_attrs(num_episodes=n + 1, tasks=tasks, keys=self._attrs["keys"])
+        for name, value in row.items():
+            self._meta[name] = np.append(self._meta[name], np.asarray(value, _META[name]))
         self._stats_cache.clear()
         return n
 
     def write_key(self, key: str, rows: np.ndarray, overwrite: bool = False, **extra: Any) -> None:
         """Add a whole new key for every committed step (e.g. precomputed image features).
 
-        ``rows`` has one row per step, in store order. The key becomes visible only once fully
-        written (it is registered in the attributes last), so an interrupted write leaves the
-        store as it was.
+        ``rows`` has one row per step, in store order. The rows go to a new array and the key
+        points at it only once it is fully written (one attribute commit), so an interrupted
+        write, a replacement (``overwrite``) included, leaves the store as it was.
         """
         self._check_writable()
-        rows = np.asarray(rows)
         if len(rows) != self.num_steps:
             raise UserError(
                 f"New key '{key}' for '{self.path}' has {len(rows)} rows; the store has "
                 f"{self.num_steps} steps."
             )
+        old = None
         if key in self._attrs["keys"]:
             if not overwrite:
                 raise UserError(f"Episode store '{self.path}' already has key '{key}'.")
-            keys = {k: dict(v) for k, v in self._attrs["keys"].items() if k != key}
-            self._update_attrs(keys=keys)
-        if key in self._root["data"]:
-            del self._root["data"][key]
-        self._create_key(key, rows[:1])
-        info = self._attrs["keys"].pop(key)
-        arr = self._root["data"][key]
-        arr.resize(rows.shape)
+            old = self._array_name(key)
+        self._check_finite(key, rows, f"Key '{key}' for store '{self.path}'")
+        name, version = key, 1
+        while name in self._root["data"]:  # beside the live array (and any leftovers)
+            if name != old and name not in {self._array_name(k) for k in self.keys}:
+                del self._root["data"][name]  # an interrupted write's leftover
+                continue
+            version += 1
+            name = f"{key}.v{version}"
+        first = np.asarray(rows[:1])
+        arr = self._create_array(name, first)
+        arr.resize((len(rows), *first.shape[1:]))
         step = max(1, arr.chunks[0])
         for start in range(0, len(rows), step):
             arr[start : start + step] = rows[start : start + step]
+        self._sync_rows(arr, "data", name, 0, len(rows))
         keys = {k: dict(v) for k, v in self._attrs["keys"].items()}
-        keys[key] = {**info, **extra}
-        self._update_attrs(keys=keys)
+        keys[key] = {**self._key_record(key, first), **extra}
+        arrays = {k: v for k, v in self._attrs.get("arrays", {}).items() if k != key}
+        if name != key:
+            arrays[key] = name
+        self._update_attrs(keys=keys, arrays=arrays)  # the commit
+        if old is not None and old != name:
+            del self._root["data"][old]
         self._stats_cache.pop(key, None)
 
     def close(self) -> None:
-        """Finish writing: compute normalisation statistics. Reading stores need no close."""
+        """Finish writing: compute normalisation statistics and release the writer lock.
+        Reading stores need no close."""
         stale = self._attrs.get("stats_num_steps") != self.num_steps
         if self._writable and self.num_steps and stale:
             self.compute_stats()
+        self._writable = False
+        release_lock(self._lock_fd)
+        self._lock_fd = None
 
     def __enter__(self) -> EpisodeStore:
         return self

@@ -96,12 +96,15 @@ def check_tasks(env: str, tasks: Sequence[str]) -> None:
     """Raise a UserError naming the first task the adapter does not know."""
     if not tasks:
         raise UserError(f"No tasks given for environment '{env}'; pass --tasks NAME [NAME ...].")
+    import difflib
+
     known = available_tasks(env)
     for t in tasks:
         if t not in known:
-            raise UserError(
-                f"Unknown {env} task '{t}'; known tasks include {', '.join(known[:8])}, ..."
-            )
+            close = difflib.get_close_matches(t, known, n=3, cutoff=0.6)
+            hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
+                    else f"known tasks include {', '.join(known[:8])}, ...")
+            raise UserError(f"Unknown {env} task '{t}'; {hint}")
 
 
 def make_env(env: str, task: str, **kwargs: Any) -> Env:

@@ -6,13 +6,20 @@
 ``config.json`` is the run's resolved :class:`~icrt.config.ExperimentConfig` as JSON;
 ``stats.json`` holds the :class:`~icrt.models.policy.PolicySpec` and the normaliser;
 ``train_state.pt`` holds only tensors and numbers (optimizer, step, RNG), never pickled objects.
-A directory is first written under a temporary name and then renamed, so a run killed at any
-moment leaves either the old or the new checkpoint, never half of one.
+A directory is first written under a temporary name, its files fsynced, and then renamed, so a
+run killed at any moment (or a power cut) leaves either the old or the new checkpoint, never
+half of one. ``manifest.json`` records each file's size and SHA-256, so a damaged checkpoint is
+recognised (:func:`verify_checkpoint`) and resuming falls back to the last good one. A save
+that fails (a full disk) removes its partial directory and leaves the previous checkpoint as
+it was. Files are written 0644 and directories 0755.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,14 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from icrt.config import ExperimentConfig, config_from_dict, save_config
 from icrt.data.transforms import Normalizer
 from icrt.errors import UserError
+from icrt.fsutil import fsync_path, remove_leftovers
 from icrt.models.policy import ICRTPolicy, PolicySpec
 
+log = logging.getLogger(__name__)
+
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+# Temporary directories of saves (".checkpoint-3.tmp-PID", ".best.old-PID").
+_LEFTOVER = r"^\.(checkpoint-\d+|best)\.(tmp|old)-(?P<pid>\d+)$"
 
 
 @dataclass
@@ -39,13 +52,29 @@ class Checkpoint:
     normalizer: Normalizer
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / "model.safetensors"))
+        try:
+            return load_file(str(self.path / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"Checkpoint '{self.path}' has unreadable weights "
+                            f"(model.safetensors: {e}).") from None
 
     def train_state(self) -> dict[str, Any] | None:
         path = self.path / "train_state.pt"
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, ValueError, EOFError) as e:
+            raise UserError(f"Checkpoint '{self.path}' has an unreadable train_state.pt "
+                            f"({type(e).__name__}: {e}).") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -54,27 +83,129 @@ def save_checkpoint(
     cfg: ExperimentConfig,
     normalizer: Normalizer,
     train_state: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (replacing an existing one)."""
+    """Write a checkpoint directory atomically (replacing an existing one).
+
+    ``extra_files`` (name -> text) are written inside it before the commit (e.g. best/'s
+    eval.json), so they appear together with the weights."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    save_config(cfg, tmp / "config.json")
-    stats = {"spec": model.spec.to_dict(), "normalizer": normalizer.to_dict()}
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
+    try:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        save_config(cfg, tmp / "config.json")
+        stats = {"spec": model.spec.to_dict(), "normalizer": normalizer.to_dict()}
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        files = sorted(f.name for f in tmp.iterdir())
+        manifest = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                    for f in files}
+        (tmp / "manifest.json").write_text(json.dumps({"files": manifest}, indent=1) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+            fsync_path(f)
+        os.chmod(tmp, 0o755)
+        fsync_path(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise UserError(f"Saving checkpoint '{path}' failed ({reason}); the previous "
+                        f"checkpoints are intact.") from None
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_path(path.parent)
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def remove_save_leftovers(run_dir: Path) -> None:
+    """Delete temporary checkpoint directories of killed runs (their process is gone)."""
+    remove_leftovers(run_dir, _LEFTOVER, "checkpoint save")
+
+
+def verify_checkpoint(path: Path, thorough: bool = True) -> str | None:
+    """None if the checkpoint directory is intact, else what is wrong (one phrase).
+
+    With a manifest: every file present with its recorded size (and SHA-256 when
+    ``thorough``). Without one (older checkpoints): every file parses."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return "manifest.json is unreadable"
+        for name, rec in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != rec["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, {rec['bytes']} were written"
+            if thorough and _sha256(f) != rec["sha256"]:
+                return f"{name} does not match its checksum"
+        return None
+    try:
+        ckpt = read_checkpoint(path)
+        ckpt.state_dict()
+        ckpt.train_state()
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's ``checkpoint-<epoch>`` directories, newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := _CKPT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def resume_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to resume from: the one given, or a run directory's newest *intact*
+    checkpoint (damaged newer ones are skipped, saying so)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--shared-cfg.resume '{path}' is not a checkpoint directory (it does "
+                        f"not exist).")
+    if (p / "model.safetensors").is_file() or p.suffix == ".pth" or p.is_file():
+        p = resolve_checkpoint(p)
+        problem = verify_checkpoint(p)
+        if problem:
+            raise UserError(f"Checkpoint '{p}' is damaged ({problem}); resume from its run "
+                            f"directory '{p.parent}' to fall back to the last good one.")
+        return p
+    found = checkpoints(p)
+    if not found:
+        raise UserError(f"--shared-cfg.resume '{path}' is not a checkpoint directory and holds "
+                        f"no checkpoint-<epoch> directory to resume from.")
+    for ckpt in found:
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping damaged checkpoint %s (%s)", ckpt, problem)
+    raise UserError(f"Every checkpoint of '{path}' is damaged (newest: {found[0].name}, "
+                    f"{verify_checkpoint(found[0])}); nothing can be resumed.")
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoint directories (0: all); best/ is never touched."""
+    if keep_last <= 0:
+        return
+    for old in checkpoints(run_dir)[keep_last:]:
+        shutil.rmtree(old)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

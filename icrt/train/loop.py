@@ -27,11 +27,15 @@ from icrt.data.spec import DatasetSpec
 from icrt.errors import UserError
 from icrt.models.policy import ICRTPolicy, PolicySpec
 from icrt.train import dist
+from icrt.fsutil import check_output_dir
 from icrt.train.checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_weights,
+    prune_checkpoints,
     read_checkpoint,
+    remove_save_leftovers,
+    resume_checkpoint,
     save_checkpoint,
 )
 from icrt.train.log import RunLogger
@@ -117,15 +121,15 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
     if tcfg.precision == "16-mixed" and device.type != "cuda":
         raise UserError("--trainer-cfg.precision 16-mixed needs CUDA; use bf16-mixed on the CPU.")
     run_dir = cfg.logging_cfg.run_dir
-    resume = read_checkpoint(scfg.resume) if scfg.resume else None
+    resume = read_checkpoint(resume_checkpoint(scfg.resume)) if scfg.resume else None
     if resume is None and latest_checkpoint(run_dir) is not None:
         raise UserError(
             f"Run directory '{run_dir}' already holds checkpoints; continue it with "
             f"--shared-cfg.resume {run_dir} or start elsewhere (--logging-cfg.log-name)."
         )
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        check_output_dir(run_dir, "The run directory")
+        remove_save_leftovers(run_dir)
     dist.barrier()
 
     # ---------------------------------------------------------------- data
@@ -214,6 +218,8 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
         best_success = float(state.get("best_success", -1.0))
         torch.set_rng_state(state["rng_torch"])
         log.info("resuming from %s at epoch %d", resume.path, start_epoch)
+    if info.is_main:  # only now: a rejected resume must not replace the run's config.json
+        save_config(cfg, run_dir / "config.json")
     logger = RunLogger(cfg, run_dir, enabled=info.is_main)
     log.info("run %s: %d sequences/epoch, effective batch %d, lr %.2e", run_dir, len(train_ds),
              eff_batch, lr)
@@ -303,6 +309,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
                     "best_success": best_success,
                 }
                 save_checkpoint(ckpt_dir, model, cfg, train_ds.normalizer, state)
+                prune_checkpoints(run_dir, scfg.keep_last)
                 if evaluate_now:
                     best_success = _evaluate_checkpoint(ckpt_dir, epoch, step, cfg, model,
                                                         train_ds, logger, best_success, progress)
@@ -330,10 +337,10 @@ def _evaluate_checkpoint(ckpt_dir: Path, epoch: int, step: int, cfg: ExperimentC
     log.info("evaluation after epoch %d:\n%s", epoch, format_table(results))
     if results["mean_success_rate"] > best_success:
         best_success = results["mean_success_rate"]
-        best = save_checkpoint(run_dir / "best", model, cfg, train_ds.normalizer)
         summary = {"epoch": epoch, "step": step, "mean_success_rate": best_success,
                    "tasks": results["tasks"], "source": ckpt_dir.name}
-        (best / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+        best = save_checkpoint(run_dir / "best", model, cfg, train_ds.normalizer,
+                               extra_files={"eval.json": json.dumps(summary, indent=1) + "\n"})
         log.info("new best checkpoint (mean success %.1f%%) in %s", 100 * best_success, best)
     return best_success
 

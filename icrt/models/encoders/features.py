@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ import torch
 from icrt.config import PolicyConfig, VisionEncoderConfig
 from icrt.data.store import EpisodeStore
 from icrt.errors import UserError
+from icrt.fsutil import remove_leftovers
 from icrt.models.encoders.vision import (
     ObservationEncoder,
     VisionEncoder,
@@ -188,7 +191,12 @@ def precompute_features(
         block = chunk * max(1, -(-batch_size // chunk))  # whole chunks per read
         shape = (n, encoder.num_tokens, encoder.out_dim)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=store.path.parent, prefix=".features-") as tmp:
+        # rows go through a memory map beside the store; a killed run's map is removed below
+        remove_leftovers(store.path.parent, rf"^\.features-{re.escape(store.path.name)}-"
+                         r"(?P<pid>\d+)-", "feature caching")
+        with tempfile.TemporaryDirectory(
+            dir=store.path.parent, prefix=f".features-{store.path.name}-{os.getpid()}-"
+        ) as tmp:
             rows = np.lib.format.open_memmap(Path(tmp) / "rows.npy", mode="w+",
                                              dtype=np.dtype(dtype), shape=shape)
             bar = _progress(n, f"{store.path.name}:{fkey}", progress)
