@@ -9,16 +9,13 @@ Run with -h for every option.
 """
 
 import dataclasses
-import json
 import logging
-from pathlib import Path
 
 import tyro
 
 from icrt.cli import run
 from icrt.config import EvalConfig
-from icrt.errors import UserError
-from icrt.eval.rollout import evaluate, format_comparison, format_table
+from icrt.eval.rollout import evaluate, format_comparison, format_table, read_results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +27,12 @@ class EvalCommand(EvalConfig):
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cmd = tyro.cli(EvalCommand, description=__doc__)
-    if cmd.baseline and not Path(cmd.baseline).is_file():
-        raise UserError(f"Baseline results '{cmd.baseline}' do not exist.")
+    baseline = read_results(cmd.baseline) if cmd.baseline else None  # before any episode
     cfg = EvalConfig(**{f.name: getattr(cmd, f.name) for f in dataclasses.fields(EvalConfig)})
     results = evaluate(cfg)
     print(format_table(results))
-    if cmd.baseline:
-        print("\n" + format_comparison(results, json.loads(Path(cmd.baseline).read_text())))
+    if baseline is not None:
+        print("\n" + format_comparison(results, baseline))
     print(f"\n{sum(t['episodes'] for t in results['tasks'].values())} episodes in "
           f"{results['wall_seconds']:.0f} s" + (f"; results in {cfg.out}" if cfg.out else ""))
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from icrt.config import CollectConfig
 from icrt.data.spec import write_dataset_json
-from icrt.data.store import EpisodeStore, acquire_lock, release_lock
+from icrt.data.store import EpisodeStore, acquire_lock, lock_path, release_lock
 from icrt.envs.base import check_tasks, default_cameras, episode_seed, make_env, make_expert
 from icrt.errors import UserError
 from icrt.fsutil import fsync_path, remove_leftovers
@@ -217,7 +217,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
                             f"--overwrite to replace it.")
     _check_same_layout(cfg.env, cfg.tasks, cfg.image_size, cameras, cfg.max_steps)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out.parent, r"^\.(.+\.zarr)\.(collect|old)-(?P<pid>\d+)$",
+    remove_leftovers(out.parent, r"^\.+(.+\.zarr)\.(collect|old)-(?P<pid>\d+)(\.lock)?$",
                      "--overwrite collection")
     image_keys = [f"image_{c}" for c in cameras]
     json_fields = dict(
@@ -328,6 +328,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
             target = targets[stream]
             if target != path:  # a failed --overwrite: the old store stays as it was
                 shutil.rmtree(target, ignore_errors=True)
+                lock_path(target).unlink(missing_ok=True)
             elif store.num_episodes == 0:  # failed before its first episode: leave nothing
                 shutil.rmtree(path, ignore_errors=True)
         for fd in locks:
@@ -362,5 +363,6 @@ def _swap_in(new: Path, path: Path) -> None:
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     os.replace(path, old)
     os.replace(new, path)
+    lock_path(new).unlink(missing_ok=True)
     fsync_path(path.parent)
     shutil.rmtree(old, ignore_errors=True)

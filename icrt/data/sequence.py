@@ -76,6 +76,26 @@ class _Plan:
     starts: np.ndarray  # (W,) window start positions
 
 
+def read_split_file(path: str | Path) -> dict[str, list[list]]:
+    """A run's ``split.json`` ({"train": [[store, index], ...], "val": [...]}), validated."""
+    path = Path(path)
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"Split file '{path}' is unreadable ({e}); delete it to split the "
+                        f"dataset again.") from None
+    ok = isinstance(body, dict) and all(
+        isinstance(body.get(name, []), list)
+        and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                and isinstance(r[1], int) for r in body.get(name, []))
+        for name in ("train", "val")
+    )
+    if not ok:
+        raise UserError(f"Split file '{path}' is not a split of this version ({{'train': "
+                        f"[[store, episode], ...], 'val': [...]}}); delete it to split again.")
+    return body
+
+
 def split_episodes(
     episodes: list[EpisodeRef], train_split: float, seed: int
 ) -> dict[str, list[EpisodeRef]]:
@@ -201,7 +221,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         tmp.replace(path)
 
     def _read_split(self, path: str | Path, all_eps: list[EpisodeRef]) -> dict[str, list]:
-        body = json.loads(Path(path).read_text())
+        body = read_split_file(path)
         by_key = {(self._store_paths[e.store], e.index): e for e in all_eps}
         out: dict[str, list[EpisodeRef]] = {}
         for name in ("train", "val"):
@@ -221,6 +241,11 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def _key_vector(self, store: EpisodeStore, key: str) -> np.ndarray:
         x = store.load(key).astype(np.float32).reshape(store.num_steps, -1)
+        bad = np.flatnonzero(~np.isfinite(x).all(1))
+        if len(bad):  # stores written before writes were checked may hold NaN
+            ep = int(np.searchsorted(store.episode_ends, bad[0], side="right"))
+            raise UserError(f"Episode store '{store.path}' has a non-finite value (NaN or inf) "
+                            f"in '{key}', episode {ep}; fix or drop that episode.")
         rot = store.key_info(key).get("rotation")
         if self.shared.rot_6d and rot is not None:
             x = rotation_to_6d(x, rot)

@@ -57,7 +57,7 @@ class DatasetSpec:
             )
         try:
             d: dict[str, Any] = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"Dataset JSON '{path}' is not valid JSON: {e}.") from None
         if not isinstance(d, dict):
             raise UserError(f"Dataset JSON '{path}' must hold an object.")
@@ -72,11 +72,22 @@ class DatasetSpec:
                 f"Dataset JSON '{path}' has unknown field(s) {', '.join(unknown)}; known fields "
                 f"are {', '.join(sorted(_FIELDS))}."
             )
+        for name in ("stores", "proprio_keys", "action_keys", "image_keys", "task_names"):
+            value = d.get(name)
+            if value is not None and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                raise UserError(
+                    f"Dataset JSON '{path}': '{name}' must be a list of strings, got "
+                    f"{json.dumps(value)}."
+                )
         for name in ("stores", "proprio_keys", "action_keys"):
             if not d.get(name) and not (name == "proprio_keys" and d.get("image_keys")):
                 raise UserError(f"Dataset JSON '{path}' needs a non-empty list '{name}'.")
+        if not isinstance(d.get("include_failures", False), bool):
+            raise UserError(f"Dataset JSON '{path}': 'include_failures' must be true or false.")
         split = d.get("train_split", 0.9)
-        if not isinstance(split, (int, float)) or not 0.0 < split <= 1.0:
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0.0 < split <= 1.0:
             raise UserError(f"Dataset JSON '{path}': train_split must be in (0, 1], got {split!r}.")
         stores = tuple(
             (p if p.is_absolute() else path.parent / p) for p in (Path(s) for s in d["stores"])

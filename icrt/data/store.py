@@ -225,9 +225,9 @@ class EpisodeStore:
         return cls(path, root, writable=True, lock_fd=fd)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> EpisodeStore:
+    def open(cls, path: str | Path, mode: str = "r", check: bool = True) -> EpisodeStore:
         """Open a store for reading (``"r"``) or appending (``"a"``); validates the format and
-        that every committed chunk is present."""
+        (``check``) that every committed chunk is present."""
         path = Path(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
@@ -262,7 +262,8 @@ class EpisodeStore:
             store = cls(path, root, writable=mode == "a", lock_fd=fd)
             if mode == "a":
                 store._rollback()
-            store._check_chunks()
+            if check:
+                store._check_chunks()
         except BaseException:
             release_lock(fd)
             raise
@@ -483,6 +484,9 @@ class EpisodeStore:
         from tqdm import tqdm
 
         problems: list[str] = []
+        if not self._attrs.get("complete_chunks"):
+            log.warning("%s was written by an older icrt that skipped all-zero chunks: a "
+                        "missing chunk cannot be told from an empty one", self.path)
         ends = self.episode_ends
         if len(ends) and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
             problems.append("meta/episode_ends is not strictly increasing")
@@ -600,7 +604,7 @@ class EpisodeStore:
     def _key_record(key: str, value: np.ndarray) -> dict[str, Any]:
         return {"kind": key_kind(key), "shape": list(value.shape[1:]), "dtype": str(value.dtype)}
 
-    def _check_finite(self, key: str, rows: np.ndarray, what: str) -> None:
+    def _check_finite(self, key: str, rows: np.ndarray, what: str, offset: int = 0) -> None:
         """Refuse NaN/inf at write time, where the culprit is still known."""
         if rows.dtype.kind not in "fc":
             return
@@ -610,7 +614,7 @@ class EpisodeStore:
             if len(bad):
                 raise UserError(
                     f"{what} has a non-finite value (NaN or inf) in '{key}' at step "
-                    f"{lo + int(bad[0])}; '{self.path}' accepts finite numbers only."
+                    f"{offset + lo + int(bad[0])}; '{self.path}' accepts finite numbers only."
                 )
 
     def _sync_rows(self, arr: zarr.Array, group: str, name: str, start: int, stop: int) -> None:
@@ -721,7 +725,6 @@ class EpisodeStore:
             if not overwrite:
                 raise UserError(f"Episode store '{self.path}' already has key '{key}'.")
             old = self._array_name(key)
-        self._check_finite(key, rows, f"Key '{key}' for store '{self.path}'")
         name, version = key, 1
         while name in self._root["data"]:  # beside the live array (and any leftovers)
             if name != old and name not in {self._array_name(k) for k in self.keys}:
@@ -733,8 +736,14 @@ class EpisodeStore:
         arr = self._create_array(name, first)
         arr.resize((len(rows), *first.shape[1:]))
         step = max(1, arr.chunks[0])
-        for start in range(0, len(rows), step):
-            arr[start : start + step] = rows[start : start + step]
+        for start in range(0, len(rows), step):  # rows are read once, checked, written
+            block = np.asarray(rows[start : start + step])
+            try:
+                self._check_finite(key, block, f"Key '{key}' for store '{self.path}'", start)
+            except UserError:
+                del self._root["data"][name]
+                raise
+            arr[start : start + step] = block
         self._sync_rows(arr, "data", name, 0, len(rows))
         keys = {k: dict(v) for k, v in self._attrs["keys"].items()}
         keys[key] = {**self._key_record(key, first), **extra}

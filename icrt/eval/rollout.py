@@ -31,6 +31,7 @@ from icrt.data.spec import DatasetSpec
 from icrt.data.store import EpisodeStore
 from icrt.envs.base import check_tasks, episode_seed, make_env
 from icrt.errors import UserError
+from icrt.fsutil import check_output_dir, check_output_file
 from icrt.train.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ def _training_episodes(checkpoint: Path) -> set[tuple[str, int]]:
     split = checkpoint.parent / "split.json"
     if not split.is_file():
         return set()
-    body = json.loads(split.read_text())
+    from icrt.data.sequence import read_split_file
+
+    body = read_split_file(split)
     return {(str(Path(s).resolve()), int(i)) for s, i in body.get("train", [])}
 
 
@@ -245,6 +248,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Run every episode and summarise per task (the results JSON of docs/eval.md)."""
     from tqdm import tqdm
 
+    if cfg.out:  # before any episode: a results file that cannot be written loses the run
+        check_output_file(cfg.out, "--out")
+    if cfg.video_dir:
+        check_output_dir(cfg.video_dir, "--video-dir")
     jobs, meta = plan_episodes(cfg)
     t0 = time.perf_counter()
     episodes: list[dict[str, Any]] = []
@@ -302,6 +309,22 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(out)
     return results
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A results JSON written by :func:`evaluate` (e.g. a --baseline), validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Baseline results '{path}' do not exist.")
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"Baseline results '{path}' are unreadable ({e}).") from None
+    if not (isinstance(body, dict) and isinstance(body.get("tasks"), dict)
+            and "mean_success_rate" in body):
+        raise UserError(f"'{path}' is not a results JSON of scripts/eval.py (no tasks and "
+                        f"mean_success_rate).")
+    return body
 
 
 def format_table(results: dict[str, Any], title: str | None = None) -> str:

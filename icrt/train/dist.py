@@ -31,7 +31,15 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this rank's GPU if there is one, else the CPU."""
     if flag == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(flag)
+    try:
+        device = torch.device(flag)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device '{flag}' is not a device; use auto, cpu, cuda or cuda:N."
+                        ) from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device '{flag}' is not supported; use auto, cpu, cuda or cuda:N.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {flag} was asked for, but MPS is not available here.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {flag} was asked for, but no CUDA device is available.")

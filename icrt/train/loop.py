@@ -25,9 +25,9 @@ from icrt.config import ExperimentConfig, save_config
 from icrt.data.sequence import SequenceDataset
 from icrt.data.spec import DatasetSpec
 from icrt.errors import UserError
+from icrt.fsutil import check_output_dir
 from icrt.models.policy import ICRTPolicy, PolicySpec
 from icrt.train import dist
-from icrt.fsutil import check_output_dir
 from icrt.train.checkpoint import (
     check_compatible,
     latest_checkpoint,

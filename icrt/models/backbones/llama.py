@@ -91,8 +91,13 @@ class LlamaConfig:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})."
             )
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0 (got {self.norm_eps}).")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 (got {value}).")
+        if self.ffn_hidden_dim < 1:
+            raise ValueError(f"ffn_dim_multiplier {self.ffn_dim_multiplier} leaves the "
+                             f"feed-forward layers no width.")
 
     @property
     def head_dim(self) -> int:

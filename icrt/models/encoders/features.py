@@ -180,7 +180,10 @@ def precompute_features(
     if device is None:  # a given encoder stays where it is; a new one goes to the GPU if any
         device = next(encoder.parameters()).device if encoder_given else (
             "cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    if isinstance(device, str):
+        from icrt.train.dist import resolve_device
+
+        device = resolve_device(device)
     encoder = encoder.to(device)  # frozen: always in eval mode (VisionEncoder.train)
     written = []
     for cam in camera_keys:
