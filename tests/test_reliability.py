@@ -420,3 +420,45 @@ def test_eval_checks_its_outputs_before_any_episode(tmp_path):
     (tmp_path / "b.json").write_text("{broken")
     with pytest.raises(UserError, match="unreadable"):
         read_results(tmp_path / "b.json")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_save_killed_between_its_renames_is_completed(reach_json, tmp_path):
+    import shutil
+
+    from icrt.train.checkpoint import remove_save_leftovers
+
+    run = train(parse_config(tiny_args(reach_json, tmp_path / "run", "--trainer-cfg.epochs", "2",
+                                       "--shared-cfg.save-every", "1")), progress=False)
+    pid = _dead_pid()
+    # killed after moving best/ aside, before moving the new one in
+    shutil.copytree(run / "checkpoint-0", run / f".best.old-{pid}")
+    shutil.copytree(run / "checkpoint-1", run / f".best.tmp-{pid}")
+    # and a save killed while writing (no manifest yet): the old one comes back
+    os.replace(run / "checkpoint-1", run / f".checkpoint-1.old-{pid}")
+    shutil.copytree(run / f".checkpoint-1.old-{pid}", run / f".checkpoint-1.tmp-{pid}")
+    os.remove(run / f".checkpoint-1.tmp-{pid}" / "manifest.json")
+    os.remove(run / f".checkpoint-1.tmp-{pid}" / "train_state.pt")
+    remove_save_leftovers(run)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != "tensorboard") == [
+        "best", "checkpoint-0", "checkpoint-1"]
+    assert (run / "best" / "model.safetensors").read_bytes() == (
+        run / "checkpoint-1" / "model.safetensors").read_bytes()
+    assert verify_checkpoint(run / "checkpoint-1") is None
+    assert (run / "checkpoint-1" / "train_state.pt").is_file()  # the old, complete one
+
+
+def test_overwrite_killed_between_its_renames_is_completed(tmp_path):
+    from icrt.data.collect import _finish_swap
+
+    pid = _dead_pid()
+    path = tmp_path / "mw.zarr"
+    _store(tmp_path / f".mw.zarr.old-{pid}", episodes=2)
+    _store(tmp_path / f".mw.zarr.collect-{pid}", episodes=5)
+    _finish_swap(path)
+    assert EpisodeStore.open(path).num_episodes == 5

@@ -40,7 +40,7 @@ from icrt.data.spec import write_dataset_json
 from icrt.data.store import EpisodeStore, acquire_lock, lock_path, release_lock
 from icrt.envs.base import check_tasks, default_cameras, episode_seed, make_env, make_expert
 from icrt.errors import UserError
-from icrt.fsutil import fsync_path, remove_leftovers
+from icrt.fsutil import fsync_path, pid_alive, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +204,18 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     if cameras and not cfg.image_size:
         raise UserError("--cameras needs --image-size N (the side length of rendered images).")
     out = Path(cfg.out)
-    if out.parent.exists() and not out.parent.is_dir():
-        raise UserError(f"--out '{out}' is inside '{out.parent}', which is a file.")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out '{out}' cannot be used: '{parent}' is a file.")
+            break
     splits = [("train", out, cfg.episodes_per_task)]
     if cfg.prompt_episodes_per_task:
         splits.append(
             ("prompt", out.with_name(out.stem + "_prompts.zarr"), cfg.prompt_episodes_per_task)
         )
     for _, path, _ in splits:
+        _finish_swap(path)
         if path.exists() and not (cfg.overwrite or cfg.resume) and not _empty_store(path):
             raise UserError(f"'{path}' already exists; pass --resume to continue it or "
                             f"--overwrite to replace it.")
@@ -356,6 +360,21 @@ def _empty_store(path: Path) -> bool:
 def _write_json(path: Path, stream: str, cfg: CollectConfig, fields: dict[str, Any]) -> None:
     write_dataset_json(_dataset_json_path(path), stores=[path], **fields,
                        train_split=cfg.train_split if stream == "train" else 1.0)
+
+
+def _finish_swap(path: Path) -> None:
+    """An --overwrite killed between the two renames of :func:`_swap_in` left no ``path`` but
+    the complete new store (``.NAME.zarr.collect-PID``) and the old one (``.old-PID``): put the
+    new one in place (it is only swapped in once complete)."""
+    if path.exists():
+        return
+    for old in path.parent.glob(f".{path.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        new = path.with_name(f".{path.name}.collect-{pid}")
+        if pid.isdigit() and not pid_alive(int(pid)) and new.is_dir():
+            os.replace(new, path)
+            log.warning("completed the interrupted --overwrite of '%s'", path)
+            return
 
 
 def _swap_in(new: Path, path: Path) -> None:

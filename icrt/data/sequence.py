@@ -181,8 +181,12 @@ class SequenceDataset(torch.utils.data.Dataset):
         if wanted:
             missing = [t for t in wanted if t not in known]
             if missing:
+                import difflib
+
+                close = difflib.get_close_matches(missing[0], known, n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise UserError(
-                    f"Task(s) {', '.join(missing)} are not in '{self.spec.path}'; it has "
+                    f"Task(s) {', '.join(missing)} are not in '{self.spec.path}'{hint}; it has "
                     f"{', '.join(known)}."
                 )
         eps = []

@@ -32,7 +32,7 @@ from icrt.data.store import EpisodeStore
 from icrt.envs.base import check_tasks, episode_seed, make_env
 from icrt.errors import UserError
 from icrt.fsutil import check_output_dir, check_output_file
-from icrt.train.checkpoint import read_checkpoint
+from icrt.train.checkpoint import read_checkpoint, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,9 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
     if not cfg.checkpoint:
         raise UserError("Give the checkpoint to evaluate with --checkpoint DIR.")
     ckpt = read_checkpoint(cfg.checkpoint)
+    problem = verify_checkpoint(ckpt.path, thorough=False)  # before workers load it
+    if problem:
+        raise UserError(f"Checkpoint '{ckpt.path}' is damaged ({problem}).")
     spec = ckpt.spec
     env_name = cfg.env or spec.env.get("name")
     if not env_name:

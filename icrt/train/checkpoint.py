@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from icrt.config import ExperimentConfig, config_from_dict, save_config
 from icrt.data.transforms import Normalizer
 from icrt.errors import UserError
-from icrt.fsutil import fsync_path, remove_leftovers
+from icrt.fsutil import fsync_path, pid_alive, remove_leftovers
 from icrt.models.policy import ICRTPolicy, PolicySpec
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,30 @@ def save_checkpoint(
 
 
 def remove_save_leftovers(run_dir: Path) -> None:
-    """Delete temporary checkpoint directories of killed runs (their process is gone)."""
+    """Finish or undo saves of killed runs, then delete their temporary directories.
+
+    A save killed between its two renames leaves no ``X`` but ``.X.old-PID`` (the previous
+    checkpoint) and ``.X.tmp-PID`` (the new one, complete once its manifest is written): the
+    complete new one is moved into place, else the old one is restored."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    pattern = re.compile(_LEFTOVER)
+    for p in sorted(run_dir.iterdir()):
+        m = pattern.match(p.name)
+        target = run_dir / m.group(1) if m else None
+        if target is None or target.exists() or pid_alive(int(m.group("pid"))):
+            continue
+        new = run_dir / f".{m.group(1)}.tmp-{m.group('pid')}"
+        old = run_dir / f".{m.group(1)}.old-{m.group('pid')}"
+        if (new / "manifest.json").is_file() and verify_checkpoint(new) is None:
+            os.replace(new, target)
+        elif old.is_dir():
+            os.replace(old, target)
+        else:
+            continue
+        log.warning("completed the interrupted save of %s", target)
+        fsync_path(run_dir)
     remove_leftovers(run_dir, _LEFTOVER, "checkpoint save")
 
 
