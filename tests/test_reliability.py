@@ -162,6 +162,25 @@ def test_second_writer_fails_at_once(tmp_path):
     EpisodeStore.open(path, mode="a").close()  # the lock died with its holder
 
 
+def test_dropping_one_of_two_writers_in_a_process_keeps_the_lock(tmp_path):
+    import gc
+
+    path = tmp_path / "s.zarr"
+    _store(path)
+    first = EpisodeStore.open(path, mode="a")
+    second = EpisodeStore.open(path, mode="a")
+    del first  # POSIX would drop the process's lock if this closed its own descriptor
+    gc.collect()
+    probe = ("import sys\nfrom icrt.data.store import EpisodeStore\nfrom icrt.errors import "
+             "UserError\ntry:\n    EpisodeStore.open(sys.argv[1], mode='a')\nexcept UserError:"
+             "\n    print('refused')\n")
+    run = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True)
+    assert run.stdout.strip() == "refused", run.stderr
+    second.close()
+    run = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True)
+    assert run.stdout.strip() == "" and run.returncode == 0, run.stderr
+
+
 _APPENDER = textwrap.dedent(
     """
     import sys, numpy as np

@@ -335,8 +335,8 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
                 lock_path(target).unlink(missing_ok=True)
             elif store.num_episodes == 0:  # failed before its first episode: leave nothing
                 shutil.rmtree(path, ignore_errors=True)
-        for fd in locks:
-            release_lock(fd)
+        for lock in locks:
+            release_lock(lock)
     seconds = time.perf_counter() - t_start
     episodes = sum(v["kept"] for t in summary["tasks"].values() for v in t.values())
     summary.update(

@@ -116,13 +116,21 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-def acquire_lock(path: str | Path) -> int:
-    """Take the exclusive writer lock of a store path; returns its file descriptor.
+# Writer locks this process holds: lock file -> [descriptor, holders]. POSIX record locks
+# belong to the process, and closing *any* descriptor of the file drops them, so a second
+# writer object in the same process shares the descriptor instead of opening its own.
+_HELD: dict[str, list[int]] = {}
 
-    POSIX record locks belong to the process: the kernel drops them when it dies (kill -9
-    included), and the same process may take a lock it already holds.
-    """
+
+def acquire_lock(path: str | Path) -> str:
+    """Take the exclusive writer lock of a store path; returns the token for
+    :func:`release_lock`. The kernel drops the lock when the process dies (kill -9 included);
+    the same process may take a lock it already holds."""
     lock = lock_path(path)
+    key = os.path.abspath(lock)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -135,15 +143,18 @@ def acquire_lock(path: str | Path) -> int:
                 f"'{lock}'); wait for it to finish or stop it first."
             ) from None
         raise
-    return fd
+    _HELD[key] = [fd, 1]
+    return key
 
 
-def release_lock(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)  # closing the descriptor releases the lock
-        except OSError:
-            pass
+def release_lock(token: str | None) -> None:
+    held = _HELD.get(token) if token is not None else None
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[token]
+        os.close(held[0])  # closing the descriptor releases the lock
 
 
 def _damaged(path: Path, what: str) -> UserError:
@@ -157,11 +168,11 @@ class EpisodeStore:
     """Reader and (single) writer of one ``.zarr`` episode store."""
 
     def __init__(self, path: Path, group: zarr.Group, writable: bool,
-                 lock_fd: int | None = None) -> None:
+                 lock: str | None = None) -> None:
         self.path = path
         self._root = group
         self._writable = writable
-        self._lock_fd = lock_fd
+        self._lock = lock
         self._attrs: dict[str, Any] = dict(group.attrs)
         n = int(self._attrs["num_episodes"])
         self._meta = {}
@@ -186,7 +197,7 @@ class EpisodeStore:
     ) -> EpisodeStore:
         """Create an empty store for writing. Refuses to replace an existing one unless asked."""
         path = Path(path)
-        fd = acquire_lock(path)
+        lock = acquire_lock(path)
         try:
             if path.exists():
                 if not overwrite:
@@ -220,9 +231,9 @@ class EpisodeStore:
             fsync_path(path)
             fsync_path(path.parent)
         except BaseException:
-            release_lock(fd)
+            release_lock(lock)
             raise
-        return cls(path, root, writable=True, lock_fd=fd)
+        return cls(path, root, writable=True, lock=lock)
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r", check: bool = True) -> EpisodeStore:
@@ -257,15 +268,18 @@ class EpisodeStore:
                 f"Episode store '{path}' has format version {attrs.get('version')}, but this "
                 f"icrt reads version {VERSION}."
             )
-        fd = acquire_lock(path) if mode == "a" else None
+        lock = acquire_lock(path) if mode == "a" else None
+        store = None
         try:
-            store = cls(path, root, writable=mode == "a", lock_fd=fd)
+            store = cls(path, root, writable=mode == "a", lock=lock)
             if mode == "a":
                 store._rollback()
             if check:
                 store._check_chunks()
         except BaseException:
-            release_lock(fd)
+            if store is not None:
+                store._lock = None  # released here, not again when it is collected
+            release_lock(lock)
             raise
         return store
 
@@ -353,7 +367,7 @@ class EpisodeStore:
                     meta: bool = False) -> np.ndarray:
         try:
             return np.asarray(arr[start:stop])
-        except (RuntimeError, ValueError, OSError, TypeError) as e:
+        except (RuntimeError, ValueError, OSError) as e:  # zstd, checksum and I/O errors
             what = f"rows {start}-{stop}" if meta else self._episodes_of_rows(start, stop)
             raise _damaged(self.path, f"'{where}' does not decode at {what} "
                                       f"({type(e).__name__}: {e})") from None
@@ -762,8 +776,12 @@ class EpisodeStore:
         if self._writable and self.num_steps and stale:
             self.compute_stats()
         self._writable = False
-        release_lock(self._lock_fd)
-        self._lock_fd = None
+        release_lock(self._lock)
+        self._lock = None
+
+    def __del__(self) -> None:  # a writer dropped without close() still frees its lock
+        release_lock(getattr(self, "_lock", None))
+        self._lock = None
 
     def __enter__(self) -> EpisodeStore:
         return self

@@ -218,6 +218,7 @@ def precompute_features(
             del rows
         log.info("%s: wrote %s %s in %.1f s", store.path, fkey, shape, time.perf_counter() - t0)
         written.append(fkey)
+    store.close()  # releases the writer lock
     return written
 
 
