@@ -137,6 +137,8 @@ def _dataset_json_path(store: Path) -> Path:
 # Fields that change what a collection writes; --resume requires them unchanged.
 _CONTENT_FIELDS = ("env", "tasks", "keep_failures", "image_size", "cameras", "proprio_keys",
                    "max_steps", "seed", "max_attempts_per_episode", "train_split")
+
+
 def _recorded_config(cfg: CollectConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "resume")}
 
