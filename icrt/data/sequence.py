@@ -136,6 +136,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.use_cached_features = use_cached_features
         stores = self.spec.open_stores()
         self._store_paths = [str(p) for p in self.spec.stores]
+        self._store_ids = [st.store_id for st in stores]
         self._stores: list[EpisodeStore] | None = stores
         self._pid = os.getpid()
 
@@ -214,9 +215,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         return out
 
     def save_split(self, path: str | Path) -> None:
-        """Write the episode-level train/val split (store path + episode index) as JSON."""
+        """Write the episode-level train/val split ([store id, episode index] pairs) as JSON."""
         body = {
-            name: [[self._store_paths[e.store], e.index] for e in eps]
+            name: [[self._store_ids[e.store], e.index] for e in eps]
             for name, eps in self.splits.items()
         }
         path = Path(path)
@@ -226,7 +227,9 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def _read_split(self, path: str | Path, all_eps: list[EpisodeRef]) -> dict[str, list]:
         body = read_split_file(path)
-        by_key = {(self._store_paths[e.store], e.index): e for e in all_eps}
+        by_key = {(self._store_ids[e.store], e.index): e for e in all_eps}
+        # split files written before store ids name stores by the path given at training
+        by_key.update({(self._store_paths[e.store], e.index): e for e in all_eps})
         out: dict[str, list[EpisodeRef]] = {}
         for name in ("train", "val"):
             refs = []
@@ -309,13 +312,14 @@ class SequenceDataset(torch.utils.data.Dataset):
         self._delta = None
         if self.shared.use_delta_action:
             self._delta = self._delta_setup(stores)
-        action_stats = stats_of(spec.action_keys)
+        # action tokens carry absolute actions; with delta actions the predicted chunks are
+        # relative to the current pose and get statistics of their own
+        stats = {"proprio": stats_of(spec.proprio_keys), "action": stats_of(spec.action_keys)}
+        modes = {"proprio": self.cfg.proprio_norm, "action": self.cfg.action_norm}
         if self._delta is not None:
-            action_stats = self._delta_stats(proprio_raw, action_raw)
-        self.normalizer = Normalizer(
-            stats={"proprio": stats_of(spec.proprio_keys), "action": action_stats},
-            modes={"proprio": self.cfg.proprio_norm, "action": self.cfg.action_norm},
-        )
+            stats["action_target"] = self._delta_stats(proprio_raw, action_raw)
+            modes["action_target"] = self.cfg.action_norm
+        self.normalizer = Normalizer(stats=stats, modes=modes)
         self._proprio = self.normalizer.normalize("proprio", proprio_raw)
         self._action = self.normalizer.normalize("action", action_raw)
         if self._delta is not None:
@@ -502,7 +506,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         chunk_rows, valid = self._chunk_rows(rows, (t, length))
         if self._delta is not None:
             raw = self._to_delta(self._action_raw[chunk_rows], self._proprio_raw[rows])
-            chunk = self.normalizer.normalize("action", raw)
+            chunk = self.normalizer.normalize("action_target", raw)
         else:
             chunk = self._action[chunk_rows]  # (T, K, A)
 

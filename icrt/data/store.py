@@ -44,6 +44,7 @@ import fcntl
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ _MAX_STAT_ROWS = 1_000_000
 # zstd frames carry a checksum of their content: a damaged chunk fails to decode.
 _COMPRESSOR = ZstdCodec(level=0, checksum=True)
 _ARRAY_CONFIG = {"write_empty_chunks": True}
-_RESERVED_ATTRS = {"complete_chunks", "format", "version", "num_episodes", "keys", "arrays", "stats",
+_RESERVED_ATTRS = {"complete_chunks", "store_id", "format", "version", "num_episodes", "keys", "arrays", "stats",
                    "stats_num_steps"}
 
 
@@ -225,6 +226,8 @@ class EpisodeStore:
                     "stats_num_steps": 0,
                     # written by a version that stores every chunk (so absence is damage)
                     "complete_chunks": True,
+                    # identifies the store wherever it is opened from (splits refer to it)
+                    "store_id": uuid.uuid4().hex,
                 }
             )
             fsync_path(path / "zarr.json")
@@ -435,6 +438,13 @@ class EpisodeStore:
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self._attrs)
+
+    @property
+    def store_id(self) -> str:
+        """How run files (``split.json``) refer to this store, whatever the working directory:
+        its id, written at creation, or its absolute path for stores written before ids."""
+        sid = self._attrs.get("store_id")
+        return f"id:{sid}" if sid else str(self.path.resolve())
 
     def key_info(self, key: str) -> dict[str, Any]:
         """``{"kind", "shape", "dtype", ...extra}`` of a key (shape excludes time)."""

@@ -209,6 +209,13 @@ class Normalizer:
             scale = np.where(spread > 1e-6, 1.0 / np.maximum(spread, 1e-6), 1.0)
             self._affine[key] = (scale.astype(np.float32), centre.astype(np.float32))
 
+    @property
+    def target_key(self) -> str:
+        """The entry that normalises predicted action chunks: ``action_target`` when they differ
+        from the action tokens (delta actions), else ``action``. Checkpoints written before the
+        two were separated normalise both with ``action``, as they were trained."""
+        return "action_target" if "action_target" in self.modes else "action"
+
     def scale(self, key: str) -> np.ndarray:
         """d(normalised)/d(raw) per dimension (to express raw-unit noise in normalised units)."""
         return self._affine[key][0]

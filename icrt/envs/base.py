@@ -109,8 +109,17 @@ def check_tasks(env: str, tasks: Sequence[str]) -> None:
 
 def make_env(env: str, task: str, **kwargs: Any) -> Env:
     """Build the adapter for ``task`` of simulator ``env`` (kwargs: image_size, cameras, ...)."""
+    import inspect
+
     _check_env(env)
-    return _load(_REGISTRY[env])(task, **kwargs)
+    factory = _load(_REGISTRY[env])
+    accepted = [n for n, p in inspect.signature(factory).parameters.items()
+                if p.kind == p.KEYWORD_ONLY]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:  # a misspelt option must not be silently dropped
+        raise UserError(f"The {env} adapter does not take {', '.join(unknown)}; it takes "
+                        f"{', '.join(accepted)}.")
+    return factory(task, **kwargs)
 
 
 def default_cameras(env: str) -> tuple[str, ...]:

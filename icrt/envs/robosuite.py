@@ -424,11 +424,8 @@ def make_robosuite_env(
     cameras: tuple[str, ...] = (),
     max_steps: int | None = None,
     control_freq: int = 20,
-    **unused: Any,
 ) -> RobosuiteEnv:
     """Build the adapter for one robosuite task (see :class:`RobosuiteEnv`)."""
-    if unused:
-        log.debug("make_robosuite_env ignores %s", sorted(unused))
     return RobosuiteEnv(
         task,
         image_size=image_size,

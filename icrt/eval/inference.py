@@ -261,7 +261,7 @@ class InContextPolicy:
 
     def _absolute_chunk(self, chunk: np.ndarray, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Normalised (K, A') prediction -> absolute actions in the 6D-rotation layout."""
-        x = self.normalizer.unnormalize("action", chunk)
+        x = self.normalizer.unnormalize(self.normalizer.target_key, chunk)
         if self.spec.use_delta_action:
             ref = self._action_meta["delta_reference"]
             pos = int(ref.get("pos_dims", 3))

@@ -136,14 +136,17 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
 
 def _training_episodes(checkpoint: Path) -> set[tuple[str, int]]:
-    """(resolved store path, episode index) of the checkpoint's training split, if recorded."""
+    """(store id, episode index) of the checkpoint's training split, if recorded. Split files
+    written before store ids hold paths; those are resolved here, which is right only when
+    evaluating from the directory training ran in."""
     split = checkpoint.parent / "split.json"
     if not split.is_file():
         return set()
     from icrt.data.sequence import read_split_file
 
     body = read_split_file(split)
-    return {(str(Path(s).resolve()), int(i)) for s, i in body.get("train", [])}
+    return {(s if s.startswith("id:") else str(Path(s).resolve()), int(i))
+            for s, i in body.get("train", [])}
 
 
 def _prompt_pool(cfg: EvalConfig, tasks: list[str], keys: list[str],
@@ -155,10 +158,11 @@ def _prompt_pool(cfg: EvalConfig, tasks: list[str], keys: list[str],
         store = EpisodeStore.open(path)
         for k in keys:
             store.key_info(k)  # one sentence naming store and key if it is missing
-        resolved = str(Path(path).resolve())
+        ids = {store.store_id, str(Path(path).resolve())}
         names = store.episode_task_names
         for i in range(store.num_episodes):
-            if names[i] in pool and store.episode_success[i] and (resolved, i) not in exclude:
+            trained = any((sid, i) in exclude for sid in ids)
+            if names[i] in pool and store.episode_success[i] and not trained:
                 pool[names[i]].append((str(path), i))
     for task, eps in pool.items():
         if len(eps) < cfg.num_prompts:

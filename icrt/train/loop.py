@@ -215,7 +215,9 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        best_success = float(state.get("best_success", -1.0))
+        # best/ itself is the record: train_state.pt is written before that epoch's
+        # evaluation (which reads the checkpoint), so it can be one evaluation behind
+        best_success = max(float(state.get("best_success", -1.0)), _best_success(run_dir))
         torch.set_rng_state(state["rng_torch"])
         log.info("resuming from %s at epoch %d", resume.path, start_epoch)
     if info.is_main:  # only now: a rejected resume must not replace the run's config.json
@@ -343,6 +345,17 @@ def _evaluate_checkpoint(ckpt_dir: Path, epoch: int, step: int, cfg: ExperimentC
                                extra_files={"eval.json": json.dumps(summary, indent=1) + "\n"})
         log.info("new best checkpoint (mean success %.1f%%) in %s", 100 * best_success, best)
     return best_success
+
+
+def _best_success(run_dir: Path) -> float:
+    """Mean success rate recorded in RUN/best/eval.json (-1 without one)."""
+    import json
+
+    path = run_dir / "best" / "eval.json"
+    try:
+        return float(json.loads(path.read_text())["mean_success_rate"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1.0
 
 
 def run_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -38,12 +39,17 @@ from icrt.errors import UserError
 def _import_flash_attn() -> Callable[..., Tensor] | None:
     """``flash_attn_func`` if flash-attn imports cleanly, else None (never raises).
 
-    Broken flash-attn builds fail with OSError/RuntimeError (missing CUDA symbols) rather
-    than ImportError, so any exception means "not available".
+    Not installed is the normal CPU case and stays quiet; an installed but broken build (missing
+    CUDA symbols raise OSError/RuntimeError) is logged, since the user asked for it.
     """
     try:
         from flash_attn import flash_attn_func
-    except Exception:
+    except ImportError:
+        return None
+    except Exception as e:
+        logging.getLogger(__name__).warning(
+            "flash-attn is installed but failed to import (%s: %s); attention uses "
+            "scaled_dot_product_attention", type(e).__name__, e)
         return None
     return flash_attn_func
 
