@@ -45,14 +45,8 @@ import torch
 from icrt.config import DatasetConfig, SharedConfig
 from icrt.data.spec import DatasetSpec
 from icrt.data.store import EpisodeStore, compute_stats
-from icrt.data.transforms import (
-    Normalizer,
-    identity_stats,
-    pool_stats,
-    rotated_dim,
-    rotation_to_6d,
-    to_delta_action,
-)
+from icrt.data.codec import Codec
+from icrt.data.transforms import Normalizer, identity_stats, pool_stats
 from icrt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -135,6 +129,11 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.use_cached_features = use_cached_features
         stores = self.spec.open_stores()
+        keys = (*self.spec.proprio_keys, *self.spec.action_keys, *self.spec.image_keys)
+        self.codec = Codec(self.spec.proprio_keys, self.spec.action_keys,
+                           {k: stores[0].key_info(k) for k in keys}, shared_cfg.rot_6d,
+                           shared_cfg.use_delta_action, camera_keys=self.spec.image_keys,
+                           use_cached_features=use_cached_features)
         self._store_paths = [str(p) for p in self.spec.stores]
         self._store_ids = [st.store_id for st in stores]
         self._stores: list[EpisodeStore] | None = stores
@@ -253,10 +252,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             ep = int(np.searchsorted(store.episode_ends, bad[0], side="right"))
             raise UserError(f"Episode store '{store.path}' has a non-finite value (NaN or inf) "
                             f"in '{key}', episode {ep}; fix or drop that episode.")
-        rot = store.key_info(key).get("rotation")
-        if self.shared.rot_6d and rot is not None:
-            x = rotation_to_6d(x, rot)
-        return x
+        return self.codec.vector(key, x)
 
     def _key_stats(self, stores: list[EpisodeStore], key: str) -> dict[str, np.ndarray]:
         stats = pool_stats([(s.stats(key), s.num_steps) for s in stores])
@@ -298,10 +294,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.action_dim = action_raw.shape[1]
         self.image_keys = spec.image_keys
         # camera key -> the store key read for it (precomputed encoder features if asked)
-        self._frame_keys = {
-            k: ("feature_" + k.removeprefix("image_")) if self.use_cached_features else k
-            for k in spec.image_keys
-        }
+        self._frame_keys = {k: self.codec.frame_key(k) for k in spec.image_keys}
 
         def stats_of(keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             if not keys:
@@ -309,79 +302,21 @@ class SequenceDataset(torch.utils.data.Dataset):
             parts = [self._key_stats(stores, k) for k in keys]
             return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
-        self._delta = None
-        if self.shared.use_delta_action:
-            self._delta = self._delta_setup(stores)
         # action tokens carry absolute actions; with delta actions the predicted chunks are
         # relative to the current pose and get statistics of their own
+        self._delta = self.codec.delta
         stats = {"proprio": stats_of(spec.proprio_keys), "action": stats_of(spec.action_keys)}
         modes = {"proprio": self.cfg.proprio_norm, "action": self.cfg.action_norm}
         if self._delta is not None:
             stats["action_target"] = self._delta_stats(proprio_raw, action_raw)
             modes["action_target"] = self.cfg.action_norm
-        self.normalizer = Normalizer(stats=stats, modes=modes)
-        self._proprio = self.normalizer.normalize("proprio", proprio_raw)
-        self._action = self.normalizer.normalize("action", action_raw)
+        self.normalizer = self.codec.normalizer = Normalizer(stats=stats, modes=modes)
+        self._proprio = self.codec.encode_proprio(proprio_raw)
+        self._action = self.codec.encode_actions(action_raw)
         if self._delta is not None:
             self._proprio_raw, self._action_raw = proprio_raw, action_raw
         self._proprio_noise = self.cfg.proprio_noise * self.normalizer.scale("proprio")
         self._action_noise = self.cfg.action_noise * self.normalizer.scale("action")
-
-    def _delta_setup(self, stores: list[EpisodeStore]) -> dict[str, Any]:
-        """Where the pose sits in the action and the proprio vectors, for delta actions."""
-        spec = self.spec
-        akey = spec.action_keys[0]
-        info = stores[0].key_info(akey)
-        ref = info.get("delta_reference")
-        if ref is None:
-            raise UserError(
-                f"--shared-cfg.use-delta-action needs action key '{akey}' of '{spec.stores[0]}' "
-                f"to declare delta_reference (its pose's observation key; see docs/data.md)."
-            )
-        if ref["key"] not in spec.proprio_keys:
-            raise UserError(
-                f"Action key '{akey}' is relative to '{ref['key']}', which is not among the "
-                f"proprio_keys of '{spec.path}'."
-            )
-        offset = 0
-        for k in spec.proprio_keys:
-            if k == ref["key"]:
-                break
-            dim = int(np.prod(stores[0].key_info(k)["shape"]))
-            offset += rotated_dim(dim, stores[0].key_info(k).get("rotation") if self.shared.rot_6d
-                                  else None)
-        arot = info.get("rotation") if self.shared.rot_6d else None
-        prot = stores[0].key_info(ref["key"]).get("rotation") if self.shared.rot_6d else None
-        if (arot is None) != (prot is None):
-            raise UserError(
-                f"Delta actions need both '{akey}' and '{ref['key']}' to declare a rotation, or "
-                f"neither (with --shared-cfg.rot-6d)."
-            )
-        return {
-            "offset": offset,
-            "pos_dims": int(ref.get("pos_dims", 3)),
-            "action_rot": None if arot is None else int(arot["start"]),
-            "proprio_rot": None if prot is None else int(prot["start"]),
-        }
-
-    def _to_delta(self, chunk: np.ndarray, current: np.ndarray) -> np.ndarray:
-        """(N, K, A) absolute chunk, (N, P) raw proprio -> (N, K, A) delta chunk."""
-        d = self._delta
-        n, k, a = chunk.shape
-        cur = current[:, d["offset"] :]
-        if d["proprio_rot"] is not None:  # line the reference up with the action layout
-            pos = cur[:, : d["pos_dims"]]
-            rot = cur[:, d["proprio_rot"] : d["proprio_rot"] + 6]
-            ref = np.zeros((n, a), np.float32)
-            ref[:, : d["pos_dims"]] = pos
-            ref[:, d["action_rot"] : d["action_rot"] + 6] = rot
-        else:
-            ref = np.zeros((n, a), np.float32)
-            ref[:, : d["pos_dims"]] = cur[:, : d["pos_dims"]]
-        flat = to_delta_action(
-            chunk.reshape(n * k, a), np.repeat(ref, k, axis=0), d["pos_dims"], d["action_rot"]
-        )
-        return flat.reshape(n, k, a).astype(np.float32)
 
     def _delta_stats(self, proprio_raw: np.ndarray, action_raw: np.ndarray) -> dict:
         rows = np.concatenate(
@@ -389,7 +324,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         )
         rows = rows[:: max(1, len(rows) // 20000)]
         chunks, _ = self._chunk_rows(rows, self._row_to_len(rows))
-        delta = self._to_delta(action_raw[chunks], proprio_raw[rows])
+        delta = self.codec.to_delta(action_raw[chunks], proprio_raw[rows])
         return {k: np.asarray(v, np.float32) for k, v in
                 compute_stats(delta.reshape(-1, delta.shape[-1])).items()}
 
@@ -505,8 +440,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             action = action + rng.normal(size=action.shape) * self._action_noise
         chunk_rows, valid = self._chunk_rows(rows, (t, length))
         if self._delta is not None:
-            raw = self._to_delta(self._action_raw[chunk_rows], self._proprio_raw[rows])
-            chunk = self.normalizer.normalize("action_target", raw)
+            chunk = self.codec.encode_chunk(self._action_raw[chunk_rows], self._proprio_raw[rows])
         else:
             chunk = self._action[chunk_rows]  # (T, K, A)
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from icrt.data.transforms import from_delta_action, rotated_dim, rotation_from_6d, rotation_to_6d
+from icrt.data.codec import Codec
 from icrt.errors import UserError
 from icrt.models.policy import ICRTPolicy
 from icrt.train.checkpoint import Checkpoint, load_policy
@@ -84,8 +84,9 @@ class InContextPolicy:
         self._cache = model.backbone.new_cache(1, self.max_tokens, device=self.device,
                                                dtype=self.dtype) if use_cache else None
         self._generator = torch.Generator(device=self.device)
-        self._action_meta = self.spec.key_meta.get(self.spec.action_keys[0], {}) if (
-            self.spec.action_keys) else {}
+        self.codec = Codec.from_spec(
+            self.spec, self.normalizer,
+            checkpoint.config.model_cfg.vision_encoder_cfg.use_cached_features)
         self._prompt_tokens: list[torch.Tensor] = []
         self.reset(seed)
 
@@ -127,10 +128,7 @@ class InContextPolicy:
                 self._check_keys(demo, f"prompt demonstration {i}", need_action=True)
                 T = len(demo[self.spec.action_keys[0]])
                 obs = self._obs_tensors(demo, T)
-                raw = np.concatenate(
-                    [np.asarray(demo[k], np.float32).reshape(T, -1) for k in self.spec.action_keys],
-                    axis=-1)
-                actions = self._action_inputs(raw, native=True)
+                actions = self._action_inputs(self.codec.actions(demo, T))
                 prompt = torch.ones(1, T, dtype=torch.bool, device=self.device)
                 s = self.model.mark_prompt(self.model.state_tokens(obs), prompt)  # (1, T, D)
                 a = self.model.mark_prompt(self.model.action_tokens(actions), prompt)
@@ -148,8 +146,7 @@ class InContextPolicy:
         """The action for observation ``obs`` (raw units, as the environment expects)."""
         self._check_keys(obs, "the observation", need_action=False)
         if self._pending_action is not None:
-            token = self.model.action_tokens(
-                self._action_inputs(self._pending_action[None], native=False))
+            token = self.model.action_tokens(self._action_inputs(self._pending_action[None]))
             self._tokens.append(token[0, 0])
         state = self.model.state_tokens(self._obs_tensors(obs, None))  # (1, 1, D)
         self._tokens.append(state[0, 0])
@@ -158,7 +155,8 @@ class InContextPolicy:
         if need_chunk:
             chunk = self.model.predict_chunk(hidden[None], generator=self._generator,
                                              deterministic=self.deterministic)[0]  # (K, A)
-            absolute = self._absolute_chunk(chunk.float().cpu().numpy(), obs)
+            absolute = self.codec.decode_chunk(chunk.float().cpu().numpy(),
+                                               self._current_proprio)  # (K, A') 6D layout
             if self.execution == "ensemble":
                 self._predictions.append((self._t, absolute))
             else:
@@ -169,7 +167,7 @@ class InContextPolicy:
             action = self._queue.pop(0)
         self._pending_action = action
         self._t += 1
-        return self._to_env_action(action)
+        return self.codec.native_action(action)
 
     # ------------------------------------------------------------------ context
 
@@ -204,9 +202,8 @@ class InContextPolicy:
 
     def _camera_key(self, data: Mapping[str, Any], key: str) -> str:
         """Camera frames, or their precomputed features for a policy trained on those."""
-        feature = "feature_" + key.removeprefix("image_")
-        cached = self.checkpoint.config.model_cfg.vision_encoder_cfg.use_cached_features
-        return feature if cached and feature in data else key
+        feature = self.codec.frame_key(key)
+        return feature if feature in data else key
 
     def _check_keys(self, data: Mapping[str, Any], what: str, need_action: bool) -> None:
         keys = list(self.spec.proprio_keys)
@@ -220,71 +217,25 @@ class InContextPolicy:
                 f"was trained on (it has {', '.join(sorted(data))})."
             )
 
-    def _proprio_inputs(self, data: Mapping[str, np.ndarray], T: int) -> np.ndarray:
-        parts = []
-        for k in self.spec.proprio_keys:
-            x = np.asarray(data[k], np.float32).reshape(T, -1)
-            rot = self.spec.key_meta.get(k, {}).get("rotation")
-            if self.spec.rot_6d and rot is not None:
-                x = rotation_to_6d(x, rot)
-            parts.append(x)
-        if not parts:
-            return np.zeros((T, 0), np.float32)
-        return np.concatenate(parts, axis=-1)
-
     def _obs_tensors(
         self, data: Mapping[str, np.ndarray], T: int | None
     ) -> dict[str, torch.Tensor]:
         """(T, ...) arrays (or one step when T is None) -> (1, T, ...) model inputs."""
         single = T is None
         n = 1 if single else T
-        raw = self._proprio_inputs({k: np.asarray(data[k])[None] if single else data[k]
-                                    for k in self.spec.proprio_keys}, n)
+        raw = self.codec.proprio(data, n)  # (n, P')
         if single:
             self._current_proprio = raw[0]
-        out = {"proprio": torch.from_numpy(self.normalizer.normalize("proprio", raw))[None]}
+        out = {"proprio": torch.from_numpy(self.codec.encode_proprio(raw))[None]}
         for k in self.spec.camera_keys:
             key = self._camera_key(data, k)
             x = torch.as_tensor(np.asarray(data[key]))
             out[key] = (x[None] if single else x)[None]
         return {k: v.to(self.device) for k, v in out.items()}
 
-    def _action_inputs(self, actions: np.ndarray, native: bool) -> torch.Tensor:
-        """(T, A) actions -> (1, T, A') normalised action-token inputs. ``native`` actions carry
-        rotations in the store's format; others are already in the 6D layout."""
-        x = np.asarray(actions, np.float32)
-        rot = self._action_meta.get("rotation")
-        if native and self.spec.rot_6d and rot is not None:
-            x = rotation_to_6d(x, rot)
-        x = self.normalizer.normalize("action", x)
-        return torch.from_numpy(x)[None].to(self.device)
-
-    def _absolute_chunk(self, chunk: np.ndarray, obs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Normalised (K, A') prediction -> absolute actions in the 6D-rotation layout."""
-        x = self.normalizer.unnormalize(self.normalizer.target_key, chunk)
-        if self.spec.use_delta_action:
-            ref = self._action_meta["delta_reference"]
-            pos = int(ref.get("pos_dims", 3))
-            rot = self._action_meta.get("rotation") if self.spec.rot_6d else None
-            cur = np.zeros_like(x)
-            offset = self._proprio_offset(ref["key"])
-            proprio = self._current_proprio[offset:]
-            cur[:, :pos] = proprio[:pos]
-            if rot is not None:
-                prot = self.spec.key_meta[ref["key"]]["rotation"]
-                cur[:, rot["start"]: rot["start"] + 6] = proprio[prot["start"]: prot["start"] + 6]
-            x = from_delta_action(x, cur, pos, None if rot is None else int(rot["start"]))
-        return x.astype(np.float32)
-
-    def _proprio_offset(self, key: str) -> int:
-        offset = 0
-        for k in self.spec.proprio_keys:
-            if k == key:
-                return offset
-            meta = self.spec.key_meta.get(k, {})
-            dim = int(np.prod(meta.get("shape", [0])))
-            offset += rotated_dim(dim, meta.get("rotation") if self.spec.rot_6d else None)
-        raise UserError(f"Delta actions refer to '{key}', which is not a proprio key.")
+    def _action_inputs(self, actions: np.ndarray) -> torch.Tensor:
+        """(T, A') raw actions in the 6D layout -> (1, T, A') normalised token inputs."""
+        return torch.from_numpy(self.codec.encode_actions(actions))[None].to(self.device)
 
     def _ensembled(self, t: int) -> np.ndarray:
         K = self.spec.num_pred_steps
@@ -292,10 +243,4 @@ class InContextPolicy:
         preds = np.stack([c[t - s] for s, c in self._predictions])  # oldest first
         w = np.exp(-self.ensemble_decay * np.arange(len(preds)))
         return (w[:, None] * preds).sum(0) / w.sum()
-
-    def _to_env_action(self, action: np.ndarray) -> np.ndarray:
-        rot = self._action_meta.get("rotation")
-        if self.spec.rot_6d and rot is not None:
-            action = rotation_from_6d(action[None], rot)[0]
-        return action.astype(np.float32)
 
