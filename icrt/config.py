@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 import tyro
 
 from icrt.errors import UserError
+from icrt.fsutil import atomic_write_text
 
 Norm = Literal["mean_std", "min_max", "q01_q99", "none"]
 
@@ -382,6 +383,9 @@ class EvalConfig:
     ensemble_decay: float = 0.01
     # Point estimates instead of samples from stochastic heads.
     deterministic: bool = False
+    # Device the policy runs on in each worker: auto (cuda, else mps, else cpu), cpu, cuda,
+    # cuda:N or mps.
+    device: str = "auto"
     # Write the results JSON here.
     out: str | None = None
     # Save rollout videos (mp4) here.
@@ -486,9 +490,7 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write a config as indented JSON, atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
 
 def load_config(path: str | os.PathLike, cls: type = ExperimentConfig) -> Any:

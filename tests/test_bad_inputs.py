@@ -210,6 +210,8 @@ ROWS = [
              lambda t: ((t / "b.json").write_text("[1]"),
                         _eval_args(t, "--baseline", str(t / "b.json")))[1],
              r"is not a results JSON"),
+    BadInput("eval --device gpu0",
+             lambda t: _eval_args(t, "--device", "gpu0"), r"--device 'gpu0' is not a device"),
     BadInput("eval of a checkpoint with truncated weights",
              lambda t: (_truncate(next(_trained(t).glob("checkpoint-*")) / "model.safetensors"),
                         ["eval.py", "--checkpoint", str(t / "runs" / "r"), "--no-prompt"])[1],

@@ -48,6 +48,7 @@ from icrt.data.store import EpisodeStore, compute_stats
 from icrt.data.codec import Codec
 from icrt.data.transforms import Normalizer, identity_stats, pool_stats
 from icrt.errors import UserError
+from icrt.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +221,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             for name, eps in self.splits.items()
         }
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(body) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(body) + "\n")
 
     def _read_split(self, path: str | Path, all_eps: list[EpisodeRef]) -> dict[str, list]:
         body = read_split_file(path)

@@ -22,6 +22,7 @@ from typing import Any
 
 from icrt.data.store import EpisodeStore
 from icrt.errors import UserError
+from icrt.fsutil import atomic_write_text
 
 _FIELDS = {
     "stores",
@@ -141,6 +142,4 @@ def write_dataset_json(path: str | Path, **fields: Any) -> None:
     if unknown:
         raise ValueError(f"unknown dataset JSON fields {sorted(unknown)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(body, indent=2) + "\n")

@@ -31,7 +31,7 @@ from icrt.data.spec import DatasetSpec
 from icrt.data.store import EpisodeStore
 from icrt.envs.base import check_tasks, episode_seed, make_env
 from icrt.errors import UserError
-from icrt.fsutil import check_output_dir, check_output_file
+from icrt.fsutil import atomic_path, atomic_write_text, check_output_dir, check_output_file
 from icrt.train.checkpoint import read_checkpoint, verify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,8 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     import imageio.v2 as imageio
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    imageio.mimsave(tmp, frames, fps=fps, macro_block_size=1)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        imageio.mimsave(tmp, frames, fps=fps, macro_block_size=1)
 
 
 def _training_episodes(checkpoint: Path) -> set[tuple[str, int]]:
@@ -177,6 +176,9 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
     """Validate the evaluation against the checkpoint and list its episodes."""
     if not cfg.checkpoint:
         raise UserError("Give the checkpoint to evaluate with --checkpoint DIR.")
+    from icrt.train.dist import resolve_device
+
+    device = str(resolve_device(cfg.device))  # a bad --device is one sentence, before any work
     ckpt = read_checkpoint(cfg.checkpoint)
     problem = verify_checkpoint(ckpt.path, thorough=False)  # before workers load it
     if problem:
@@ -201,7 +203,8 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
                             "evaluate without prompts with --no-prompt.")
         keys = [*spec.proprio_keys, *spec.action_keys, *spec.camera_keys]
         pool = _prompt_pool(cfg, tasks, keys, _training_episodes(ckpt.path))
-    policy_kwargs = (("execution", cfg.execution), ("open_loop_steps", cfg.open_loop_steps),
+    policy_kwargs = (("device", device), ("execution", cfg.execution),
+                     ("open_loop_steps", cfg.open_loop_steps),
                      ("ensemble_decay", cfg.ensemble_decay),
                      ("deterministic", cfg.deterministic))
     jobs = []
@@ -218,7 +221,7 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
             jobs.append(_Episode(str(ckpt.path), env_name, task, i,
                                  episode_seed(cfg.seed, "eval", task, i), chosen,
                                  tuple(sorted(env_kwargs.items())), policy_kwargs, video))
-    meta = {"checkpoint": str(ckpt.path), "env": env_name, "tasks": tasks}
+    meta = {"checkpoint": str(ckpt.path), "env": env_name, "tasks": tasks, "device": device}
     return jobs, meta
 
 
@@ -303,6 +306,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "prompt_dataset": None if cfg.no_prompt else cfg.prompt_dataset,
         "episodes_per_task": cfg.episodes_per_task,
         "seed": cfg.seed,
+        "device": meta["device"],
         "tasks": per_task,
         "mean_success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "wall_seconds": time.perf_counter() - t0,
@@ -312,9 +316,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(results, indent=1) + "\n")
     return results
 
 

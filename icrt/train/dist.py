@@ -28,16 +28,19 @@ class DistInfo:
 
 
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's GPU if there is one, else the CPU."""
+    """``auto`` -> this rank's GPU if there is one, else Apple's MPS, else the CPU."""
     if flag == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank}")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     try:
         device = torch.device(flag)
     except (RuntimeError, ValueError):
-        raise UserError(f"--device '{flag}' is not a device; use auto, cpu, cuda or cuda:N."
+        raise UserError(f"--device '{flag}' is not a device; use auto, cpu, cuda, cuda:N or mps."
                         ) from None
     if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device '{flag}' is not supported; use auto, cpu, cuda or cuda:N.")
+        raise UserError(f"--device '{flag}' is not supported; use auto, cpu, cuda, cuda:N or mps.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {flag} was asked for, but MPS is not available here.")
     if device.type == "cuda":
