@@ -288,6 +288,10 @@ class TrainerConfig:
     compile: bool = False
     # Log training metrics every N optimizer steps.
     log_every: int = 10
+    # Stop after this many optimizer steps (0: run --trainer-cfg.epochs); the schedule's length.
+    max_steps: int = 0
+    # Minutes ranks wait for each other (rank 0 alone evaluates in the simulator meanwhile).
+    dist_timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
         p = "--trainer-cfg."
@@ -295,6 +299,8 @@ class TrainerConfig:
         _positive(self.accum_iter, p + "accum-iter")
         _positive(self.num_workers, p + "num-workers", allow_zero=True)
         _positive(self.log_every, p + "log-every")
+        _positive(self.max_steps, p + "max-steps", allow_zero=True)
+        _positive(self.dist_timeout_minutes, p + "dist-timeout-minutes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +315,9 @@ class SharedConfig:
     seed: int = 0
     # Save a checkpoint every N epochs (and always after the last).
     save_every: int = 5
+    # Also save a checkpoint every N optimizer steps, mid-epoch too (0: off), so a kill loses at
+    # most N steps; such checkpoints are named checkpoint-step-<step>.
+    save_every_steps: int = 0
     # Resume from this checkpoint directory, or from a run directory's newest intact checkpoint
     # (damaged ones are skipped, with a warning).
     resume: str | None = None
@@ -327,6 +336,7 @@ class SharedConfig:
         _positive(self.save_every, p + "save-every")
         _positive(self.num_pred_steps, p + "num-pred-steps")
         _positive(self.keep_last, p + "keep-last", allow_zero=True)
+        _positive(self.save_every_steps, p + "save-every-steps", allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +365,8 @@ class EvalConfig:
     checkpoint: str = ""
     # During training: evaluate every N epochs (0: never) and keep RUN/best/ by mean success.
     eval_every: int = 0
+    # During training: also evaluate (and checkpoint) every N optimizer steps (0: never).
+    eval_every_steps: int = 0
     # Simulator (default: the one the training data was collected in).
     env: str | None = None
     # Tasks to evaluate (default: the checkpoint's training tasks).
@@ -397,6 +409,7 @@ class EvalConfig:
         for name in ("num_prompts", "episodes_per_task", "workers", "threads_per_worker"):
             _positive(getattr(self, name), "--" + name.replace("_", "-"))
         _positive(self.eval_every, "--eval-every", allow_zero=True)
+        _positive(self.eval_every_steps, "--eval-every-steps", allow_zero=True)
         _positive(self.videos_per_task, "--videos-per-task", allow_zero=True)
         _positive(self.ensemble_decay, "--ensemble-decay", allow_zero=True)
         if self.max_steps is not None:

@@ -39,9 +39,10 @@ from icrt.models.policy import ICRTPolicy, PolicySpec
 
 log = logging.getLogger(__name__)
 
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+# checkpoint-<epoch> after an epoch, checkpoint-step-<step> in the middle of one
+_CKPT = re.compile(r"^checkpoint-(step-)?(\d+)$")
 # Temporary directories of saves (".checkpoint-3.tmp-PID", ".best.old-PID").
-_LEFTOVER = r"^\.(checkpoint-\d+|best)\.(tmp|old)-(?P<pid>\d+)$"
+_LEFTOVER = r"^\.(checkpoint-(?:step-)?\d+|best)\.(tmp|old)-(?P<pid>\d+)$"
 
 
 @dataclass
@@ -105,9 +106,11 @@ def save_checkpoint(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         files = sorted(f.name for f in tmp.iterdir())
-        manifest = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-                    for f in files}
-        (tmp / "manifest.json").write_text(json.dumps({"files": manifest}, indent=1) + "\n")
+        manifest: dict[str, Any] = {"files": {
+            f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
+        if train_state is not None:  # orders a run's checkpoints (see checkpoints())
+            manifest.update(epoch=int(train_state["epoch"]), step=int(train_state["step"]))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
             fsync_path(f)
@@ -186,14 +189,26 @@ def verify_checkpoint(path: Path, thorough: bool = True) -> str | None:
     return None
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's ``checkpoint-<epoch>`` directories, newest first."""
+def _order(p: Path, m: re.Match) -> tuple[int, int]:
+    """Sort key of a checkpoint directory: the optimizer step its manifest records (checkpoints
+    written before manifests carried it sort by their epoch number, before the others)."""
+    try:
+        step = int(json.loads((p / "manifest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (-1, int(m.group(2)))
+    return (step, 0 if m.group(1) else 1)  # at equal steps the end-of-epoch one is newer
+
+
+def checkpoints(run_dir: Path, complete: bool = False) -> list[Path]:
+    """The run's ``checkpoint-<epoch>`` and ``checkpoint-step-<step>`` directories, newest
+    first (``complete``: only those holding weights)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := _CKPT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(_order(p, m), p.name, p) for p in run_dir.iterdir()
+             if (m := _CKPT.match(p.name)) and p.is_dir()
+             and (not complete or (p / "model.safetensors").is_file())]
+    return [p for _, _, p in sorted(found, reverse=True)]
 
 
 def resume_checkpoint(path: str | Path) -> Path:
@@ -232,13 +247,9 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The highest-numbered ``checkpoint-<epoch>`` directory of a run, if any."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := _CKPT.match(p.name)) and (p / "model.safetensors").is_file()]
-    return max(found)[1] if found else None
+    """The newest checkpoint directory of a run (by training progress), if any."""
+    found = checkpoints(run_dir, complete=True)
+    return found[0] if found else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device_flag: str = "auto") -> DistInfo:
+def init_distributed(device_flag: str = "auto", timeout_minutes: float = 60.0) -> DistInfo:
     """Join the process group torchrun describes in the environment (or run alone)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -60,7 +61,9 @@ def init_distributed(device_flag: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # long enough for rank 0's simulator evaluation while the others wait at a barrier
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world, local_rank, device)
 
 

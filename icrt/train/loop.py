@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from icrt.fsutil import check_output_dir
 from icrt.models.policy import ICRTPolicy, PolicySpec
 from icrt.train import dist
 from icrt.train.checkpoint import (
+    Checkpoint,
     check_compatible,
     latest_checkpoint,
     load_weights,
@@ -92,19 +94,77 @@ def validation_loss(model: ICRTPolicy, loader: DataLoader, cfg: ExperimentConfig
                     device: torch.device) -> float:
     model.eval()
     loader.dataset.set_epoch(0)  # the same validation windows every time
-    total, n = 0.0, 0
+    total = torch.zeros((), device=device)
+    n = 0
     for batch in loader:
         with _autocast(cfg.trainer_cfg.precision, device):
             out = model(_to_device(batch, device))
-        total += float(out["action_loss"]) * len(batch["action"])
+        total += out["action_loss"].detach().float() * len(batch["action"])
         n += len(batch["action"])
     model.train()
-    return float(dist.all_reduce_mean(torch.tensor(total / max(n, 1))))
+    return float(dist.all_reduce_mean((total / max(n, 1)).cpu()))
+
+
+class _SkipSampler(torch.utils.data.Sampler):
+    """The epoch's sampler without its first ``skip`` indices (resuming mid-epoch)."""
+
+    def __init__(self, sampler: DistributedSampler, skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
+
+
+@dataclass
+class _Run:
+    """What the steps of a run share (built once, then updated by the loop)."""
+
+    cfg: ExperimentConfig
+    info: dist.DistInfo
+    run_dir: Path
+    progress: bool
+    resume: Checkpoint | None = None
+    train_ds: SequenceDataset | None = None
+    sampler: DistributedSampler | None = None
+    val_loader: DataLoader | None = None
+    model: ICRTPolicy | None = None
+    ddp: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    logger: RunLogger | None = None
+    lr: float = 0.0
+    batches_per_epoch: int = 0
+    total_epochs: float = 0.0  # the schedule's length (fractional with --max-steps)
+    epoch: int = 0  # next epoch to run
+    skip_batches: int = 0  # batches of that epoch already trained (resuming mid-epoch)
+    step: int = 0  # optimizer steps taken
+    best_success: float = -1.0
+    best_val: float = math.inf
+    epoch_train_loss: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def step_dir(self) -> Path:
+        """Where a mid-epoch checkpoint at the current step goes."""
+        return self.run_dir / f"checkpoint-step-{self.step}"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.cfg.trainer_cfg.accum_iter)
 
 
 def train(cfg: ExperimentConfig, progress: bool = True) -> Path:
     """Run training as configured; returns the run directory."""
-    info = dist.init_distributed(cfg.device)
+    info = dist.init_distributed(cfg.device, cfg.trainer_cfg.dist_timeout_minutes)
     try:
         return _train(cfg, info, progress)
     finally:
@@ -112,17 +172,41 @@ def train(cfg: ExperimentConfig, progress: bool = True) -> Path:
 
 
 def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
-    tcfg, scfg, ocfg = cfg.trainer_cfg, cfg.shared_cfg, cfg.optimizer_cfg
-    device = info.device
-    seed = scfg.seed + info.rank
+    run = _start(cfg, info, progress)
+    _build_data(run)
+    _build_model(run)
+    _build_optimizer(run)
+    _restore(run)
+    if info.is_main:  # only now: a rejected resume must not replace the run's config.json
+        save_config(cfg, run.run_dir / "config.json")
+    run.logger = RunLogger(cfg, run.run_dir, enabled=info.is_main)
+    max_steps = cfg.trainer_cfg.max_steps
+    last_epoch = math.ceil(run.total_epochs) - 1
+    for epoch in range(run.epoch, last_epoch + 1):
+        finished = _train_epoch(run, epoch)
+        _end_epoch(run, epoch, last=finished or epoch == last_epoch)
+        if finished or (max_steps and run.step >= max_steps):
+            break
+    run.logger.close()
+    return run.run_dir
+
+
+# ------------------------------------------------------------------------ the steps of a run
+
+
+def _start(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> _Run:
+    """Seeds, the run directory, and the checkpoint to resume from."""
+    seed = cfg.shared_cfg.seed + info.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    if tcfg.precision == "16-mixed" and device.type != "cuda":
+    if cfg.trainer_cfg.precision == "16-mixed" and info.device.type != "cuda":
         raise UserError("--trainer-cfg.precision 16-mixed needs CUDA; use bf16-mixed on the CPU.")
     run_dir = cfg.logging_cfg.run_dir
-    resume = read_checkpoint(resume_checkpoint(scfg.resume)) if scfg.resume else None
-    if resume is None and latest_checkpoint(run_dir) is not None:
+    resume = None
+    if cfg.shared_cfg.resume:
+        resume = read_checkpoint(resume_checkpoint(cfg.shared_cfg.resume))
+    elif latest_checkpoint(run_dir) is not None:
         raise UserError(
             f"Run directory '{run_dir}' already holds checkpoints; continue it with "
             f"--shared-cfg.resume {run_dir} or start elsewhere (--logging-cfg.log-name)."
@@ -131,9 +215,14 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
         check_output_dir(run_dir, "The run directory")
         remove_save_leftovers(run_dir)
     dist.barrier()
+    return _Run(cfg, info, run_dir, progress, resume)
 
-    # ---------------------------------------------------------------- data
-    split_file = run_dir / "split.json"
+
+def _build_data(run: _Run) -> None:
+    """Training windows (split saved to RUN/split.json), their sampler, validation loader."""
+    cfg, info = run.cfg, run.info
+    scfg, tcfg = cfg.shared_cfg, cfg.trainer_cfg
+    split_file = run.run_dir / "split.json"
     vcfg = cfg.model_cfg.vision_encoder_cfg
     cached = vcfg.use_cached_features
     data_spec = DatasetSpec.load(cfg.dataset_cfg.dataset_json)
@@ -142,55 +231,63 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
 
         for path in data_spec.stores:
             check_cached_features(path, vcfg, data_spec.image_keys)
-    train_ds = SequenceDataset(cfg.dataset_cfg, scfg, "train",
-                               split_file=split_file if split_file.is_file() else None,
-                               spec=data_spec, use_cached_features=cached)
+    run.train_ds = SequenceDataset(cfg.dataset_cfg, scfg, "train",
+                                   split_file=split_file if split_file.is_file() else None,
+                                   spec=data_spec, use_cached_features=cached)
     if info.is_main and not split_file.is_file():
-        train_ds.save_split(split_file)
+        run.train_ds.save_split(split_file)
     dist.barrier()
-    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, seed=scfg.seed, drop_last=True)
-    pin = tcfg.pin_memory and device.type == "cuda"
-    loader = DataLoader(train_ds, batch_size=scfg.batch_size, sampler=sampler,
-                        num_workers=tcfg.num_workers, pin_memory=pin, drop_last=True)
-    if len(loader) == 0:
+    run.sampler = DistributedSampler(run.train_ds, num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=True, seed=scfg.seed, drop_last=True)
+    run.batches_per_epoch = len(run.sampler) // scfg.batch_size
+    if run.batches_per_epoch == 0:
         raise UserError(
             f"--shared-cfg.batch-size {scfg.batch_size} x {info.world_size} rank(s) is larger "
-            f"than the {len(train_ds)} training sequences of an epoch."
+            f"than the {len(run.train_ds)} training sequences of an epoch."
         )
-    val_loader = None
-    if train_ds.splits["val"]:
+    run.total_epochs = (tcfg.max_steps / run.steps_per_epoch) if tcfg.max_steps else tcfg.epochs
+    if run.train_ds.splits["val"]:
         try:
             val_ds = SequenceDataset(cfg.dataset_cfg, scfg, "val", split_file=split_file,
                                      spec=data_spec, use_cached_features=cached)
             val_sampler = DistributedSampler(val_ds, info.world_size, info.rank, shuffle=False)
-            val_loader = DataLoader(val_ds, batch_size=scfg.batch_size, sampler=val_sampler,
-                                    num_workers=tcfg.num_workers, pin_memory=pin)
+            run.val_loader = DataLoader(val_ds, batch_size=scfg.batch_size, sampler=val_sampler,
+                                        num_workers=tcfg.num_workers, pin_memory=_pin(run))
         except UserError as e:
             log.warning("no validation loss: %s", e)
 
-    # ---------------------------------------------------------------- model
-    spec = policy_spec(train_ds, cfg)
+
+def _pin(run: _Run) -> bool:
+    return run.cfg.trainer_cfg.pin_memory and run.device.type == "cuda"
+
+
+def _build_model(run: _Run) -> None:
+    """The policy (initialised from a pretrained or resumed checkpoint), DDP, compile."""
+    cfg, ds, resume = run.cfg, run.train_ds, run.resume
+    spec = policy_spec(ds, cfg)
     model = ICRTPolicy(cfg.model_cfg, spec, vision_aug=cfg.dataset_cfg.vision_aug)
     pretrained = cfg.model_cfg.policy_cfg.pretrained_path
     if pretrained and resume is None:
         source = read_checkpoint(pretrained)
         check_compatible(source.spec, spec, f"Pretrained checkpoint '{source.path}'",
-                         f"dataset '{train_ds.spec.path}'")
+                         f"dataset '{ds.spec.path}'")
         load_weights(model, source.state_dict(), str(source.path))
     if resume is not None:
         check_compatible(resume.spec, spec, f"Checkpoint '{resume.path}'",
-                         f"dataset '{train_ds.spec.path}'")
+                         f"dataset '{ds.spec.path}'")
         load_weights(model, resume.state_dict(), str(resume.path))
-    if cached and train_ds.image_keys:  # the features must come from these very weights
-        for path in train_ds.spec.stores:
-            check_cached_features(path, vcfg, train_ds.image_keys,
-                                  encoder=model.state_encoder.vision)
-    model.to(device)
-    ddp: torch.nn.Module = model
-    if info.distributed:
-        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if tcfg.compile:
+    vcfg = cfg.model_cfg.vision_encoder_cfg
+    if vcfg.use_cached_features and ds.image_keys:  # features must come from these weights
+        from icrt.models.encoders.features import check_cached_features
+
+        for path in ds.spec.stores:
+            check_cached_features(path, vcfg, ds.image_keys, encoder=model.state_encoder.vision)
+    model.to(run.device)
+    run.model, run.ddp = model, model
+    if run.info.distributed:
+        device_ids = [run.device] if run.device.type == "cuda" else None
+        run.ddp = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.trainer_cfg.compile:
         # in place (parameter names unchanged, so checkpoints stay plain); the backbone is
         # where the time goes, and the loss code's data-dependent masking would only break graphs
         model.backbone.compile()
@@ -198,164 +295,260 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> Path:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("policy: %.2fM parameters (%.2fM trainable)", n_params / 1e6, n_train / 1e6)
 
-    # ---------------------------------------------------------------- optimizer
-    eff_batch = scfg.batch_size * tcfg.accum_iter * info.world_size
-    lr = base_lr(ocfg, eff_batch)
-    optimizer = build_optimizer(model.param_groups(ocfg.weight_decay), ocfg, lr)
-    scaler = torch.amp.GradScaler("cuda") if tcfg.precision == "16-mixed" else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    start_epoch, step = 0, 0
-    best_success = -1.0
-    ecfg = cfg.eval_cfg
-    if resume is not None:
-        state = resume.train_state()
-        if state is None:
-            raise UserError(f"Checkpoint '{resume.path}' has no train_state.pt to resume from.")
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        # best/ itself is the record: train_state.pt is written before that epoch's
-        # evaluation (which reads the checkpoint), so it can be one evaluation behind
-        best_success = max(float(state.get("best_success", -1.0)), _best_success(run_dir))
-        torch.set_rng_state(state["rng_torch"])
-        log.info("resuming from %s at epoch %d", resume.path, start_epoch)
-    if info.is_main:  # only now: a rejected resume must not replace the run's config.json
-        save_config(cfg, run_dir / "config.json")
-    logger = RunLogger(cfg, run_dir, enabled=info.is_main)
-    log.info("run %s: %d sequences/epoch, effective batch %d, lr %.2e", run_dir, len(train_ds),
-             eff_batch, lr)
-    if ocfg.warmup_epochs >= tcfg.epochs:
-        log.warning("--optimizer-cfg.warmup-epochs %g is not below --trainer-cfg.epochs %d: the "
-                    "learning rate never reaches %.2e in this run", ocfg.warmup_epochs,
-                    tcfg.epochs, lr)
 
-    # ---------------------------------------------------------------- loop
+def _build_optimizer(run: _Run) -> None:
+    cfg = run.cfg
+    ocfg, tcfg = cfg.optimizer_cfg, cfg.trainer_cfg
+    eff_batch = cfg.shared_cfg.batch_size * tcfg.accum_iter * run.info.world_size
+    run.lr = base_lr(ocfg, eff_batch)
+    run.optimizer = build_optimizer(run.model.param_groups(ocfg.weight_decay), ocfg, run.lr)
+    if tcfg.precision == "16-mixed":
+        run.scaler = torch.amp.GradScaler("cuda")
+    log.info("run %s: %d sequences/epoch, effective batch %d, lr %.2e", run.run_dir,
+             len(run.train_ds), eff_batch, run.lr)
+    if ocfg.warmup_epochs >= run.total_epochs:
+        length = (f"the {run.total_epochs:g} epochs of --trainer-cfg.max-steps {tcfg.max_steps}"
+                  if tcfg.max_steps else f"--trainer-cfg.epochs {tcfg.epochs}")
+        log.warning("--optimizer-cfg.warmup-epochs %g is not below %s: the learning rate never "
+                    "reaches %.2e in this run", ocfg.warmup_epochs, length, run.lr)
+
+
+def _restore(run: _Run) -> None:
+    """Optimizer, progress and every RNG from the resumed checkpoint's train_state.pt."""
+    if run.resume is None:
+        return
+    state = run.resume.train_state()
+    if state is None:
+        raise UserError(f"Checkpoint '{run.resume.path}' has no train_state.pt to resume from.")
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.step = int(state["step"])
+    done = int(state.get("batches_done", -1))  # -1 (or absent): the epoch was complete
+    if 0 <= done < run.batches_per_epoch:
+        run.epoch, run.skip_batches = int(state["epoch"]), done
+    else:
+        run.epoch, run.skip_batches = int(state["epoch"]) + 1, 0
+    # best/ itself is the record: train_state.pt is written before that epoch's
+    # evaluation (which reads the checkpoint), so it can be one evaluation behind
+    run.best_success = max(float(state.get("best_success", -1.0)), _best_success(run.run_dir))
+    run.best_val = min(float(state.get("best_val", math.inf)), _best_val(run.run_dir))
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if state.get("rng_numpy") is not None:
+        np.random.set_state(_numpy_state(state["rng_numpy"]))
+    if state.get("rng_python") is not None:
+        random.setstate(_python_state(state["rng_python"]))
+    log.info("resuming from %s at epoch %d (batch %d), step %d", run.resume.path, run.epoch,
+             run.skip_batches, run.step)
+
+
+def _train_epoch(run: _Run, epoch: int) -> bool:
+    """One epoch (or what remains of it); True when --trainer-cfg.max-steps is reached."""
+    cfg = run.cfg
+    tcfg, scfg, ocfg = cfg.trainer_cfg, cfg.shared_cfg, cfg.optimizer_cfg
+    info, device = run.info, run.device
+    run.sampler.set_epoch(epoch)
+    run.train_ds.set_epoch(epoch)
+    skip = run.skip_batches
+    run.skip_batches = 0
+    loader = DataLoader(run.train_ds, batch_size=scfg.batch_size,
+                        sampler=_SkipSampler(run.sampler, skip * scfg.batch_size),
+                        num_workers=tcfg.num_workers, pin_memory=_pin(run), drop_last=True)
     from tqdm import tqdm
 
-    steps_per_epoch = len(loader)
-    for epoch in range(start_epoch, tcfg.epochs):
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and info.is_main),
-                   dynamic_ncols=True)
-        window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
-        epoch_loss, epoch_n = 0.0, 0
-        for it, batch in enumerate(bar):
-            if it % tcfg.accum_iter == 0:
-                current_lr = lr_at(epoch + it / steps_per_epoch, lr, ocfg.min_lr,
-                                   ocfg.warmup_epochs, tcfg.epochs)
-                set_lr(optimizer, current_lr)
-            batch = _to_device(batch, device)
-            sync = (it + 1) % tcfg.accum_iter == 0 or it + 1 == steps_per_epoch
-            no_sync = ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext()
-            with no_sync:
-                with _autocast(tcfg.precision, device):
-                    out = ddp(batch)
-                loss = out["loss"] / tcfg.accum_iter
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            window_loss += float(out["action_loss"])
-            window_n += 1
-            if not sync:
-                continue
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            # the norm is computed on all-reduced gradients, so every rank decides alike
-            norm = torch.nn.utils.clip_grad_norm_(params, ocfg.clip_grad or math.inf)
-            if not torch.isfinite(norm) and scaler is None:
-                last = latest_checkpoint(run_dir)
-                raise TrainingDiverged(
-                    f"The loss became non-finite at epoch {epoch}, step {step}; training stopped"
-                    f" without saving (last good checkpoint: {last or 'none'}). Lower "
-                    f"--optimizer-cfg.lr or use --trainer-cfg.precision 32-true."
-                )
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % tcfg.log_every == 0 or it + 1 == steps_per_epoch:
-                elapsed = time.perf_counter() - t_window
-                mean_loss = float(dist.all_reduce_mean(torch.tensor(window_loss / window_n)))
-                samples_s = window_n * scfg.batch_size * info.world_size / max(elapsed, 1e-9)
-                metrics = {"train/loss": mean_loss, "train/lr": current_lr,
-                           "train/grad_norm": float(norm), "train/samples_per_s": samples_s}
-                logger.log(step, metrics, epoch=epoch + (it + 1) / steps_per_epoch)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}",
-                                samples_s=f"{samples_s:.1f}")
-                epoch_loss += mean_loss * window_n
-                epoch_n += window_n
-                window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
-        bar.close()
-
-        summary = {"epoch/train_loss": epoch_loss / max(epoch_n, 1)}
-        if val_loader is not None:
-            summary["epoch/val_loss"] = validation_loss(model, val_loader, cfg, device)
-        logger.log(step, summary, epoch=epoch + 1)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-
-        last_epoch = epoch + 1 == tcfg.epochs
-        evaluate_now = ecfg.eval_every > 0 and ((epoch + 1) % ecfg.eval_every == 0 or last_epoch)
-        if (epoch + 1) % scfg.save_every == 0 or last_epoch or evaluate_now:
-            ckpt_dir = run_dir / f"checkpoint-{epoch}"
-            if info.is_main:
-                state = {
-                    "epoch": epoch,
-                    "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng_torch": torch.get_rng_state(),
-                    "best_success": best_success,
-                }
-                save_checkpoint(ckpt_dir, model, cfg, train_ds.normalizer, state)
-                prune_checkpoints(run_dir, scfg.keep_last)
-                if evaluate_now:
-                    best_success = _evaluate_checkpoint(ckpt_dir, epoch, step, cfg, model,
-                                                        train_ds, logger, best_success, progress)
-            dist.barrier()
-    logger.close()
-    return run_dir
+    bar = tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=run.batches_per_epoch,
+               disable=not (run.progress and info.is_main), dynamic_ncols=True)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    # losses stay on the device until they are logged (no host sync per micro-batch)
+    window_loss, window_n, t_window = torch.zeros((), device=device), 0, time.perf_counter()
+    epoch_loss, epoch_n = 0.0, 0
+    run.model.train()
+    current_lr = run.lr
+    for it, batch in enumerate(bar, start=skip):
+        if it % tcfg.accum_iter == 0:
+            current_lr = lr_at(epoch + it / run.batches_per_epoch, run.lr, ocfg.min_lr,
+                               ocfg.warmup_epochs, run.total_epochs)
+            set_lr(run.optimizer, current_lr)
+        batch = _to_device(batch, device)
+        sync = (it + 1) % tcfg.accum_iter == 0 or it + 1 == run.batches_per_epoch
+        no_sync = run.ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext()
+        with no_sync:
+            with _autocast(tcfg.precision, device):
+                out = run.ddp(batch)
+            loss = out["loss"] / tcfg.accum_iter
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        window_loss += out["action_loss"].detach().float()
+        window_n += 1
+        if not sync:
+            continue
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        # the norm is computed on all-reduced gradients, so every rank decides alike
+        norm = torch.nn.utils.clip_grad_norm_(params, ocfg.clip_grad or math.inf)
+        if run.scaler is None and not torch.isfinite(norm):
+            raise TrainingDiverged(
+                f"The loss became non-finite at epoch {epoch}, step {run.step}; training stopped"
+                f" without saving (last good checkpoint: "
+                f"{latest_checkpoint(run.run_dir) or 'none'}). Lower --optimizer-cfg.lr or use "
+                f"--trainer-cfg.precision 32-true."
+            )
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        end_of_epoch = it + 1 == run.batches_per_epoch
+        if run.step % tcfg.log_every == 0 or end_of_epoch:
+            elapsed = time.perf_counter() - t_window
+            mean_loss = float(dist.all_reduce_mean((window_loss / window_n).cpu()))
+            samples_s = window_n * scfg.batch_size * info.world_size / max(elapsed, 1e-9)
+            metrics = {"train/loss": mean_loss, "train/lr": current_lr,
+                       "train/grad_norm": float(norm), "train/samples_per_s": samples_s}
+            run.logger.log(run.step, metrics, epoch=epoch + (it + 1) / run.batches_per_epoch)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}",
+                            samples_s=f"{samples_s:.1f}")
+            epoch_loss += mean_loss * window_n
+            epoch_n += window_n
+            window_loss, window_n, t_window = torch.zeros((), device=device), 0, time.perf_counter()
+        finished = bool(tcfg.max_steps) and run.step >= tcfg.max_steps
+        if end_of_epoch or finished:
+            break
+        ecfg = cfg.eval_cfg
+        by_steps = [n for n in (scfg.save_every_steps, ecfg.eval_every_steps) if n]
+        if any(run.step % n == 0 for n in by_steps):  # mid-epoch checkpoint (and evaluation)
+            evaluate = bool(ecfg.eval_every_steps) and run.step % ecfg.eval_every_steps == 0
+            _checkpoint(run, epoch, run.step_dir, batches_done=it + 1,
+                        evaluate=evaluate)
+    bar.close()
+    run.epoch_train_loss = epoch_loss / max(epoch_n, 1)
+    return bool(tcfg.max_steps) and run.step >= tcfg.max_steps
 
 
-def _evaluate_checkpoint(ckpt_dir: Path, epoch: int, step: int, cfg: ExperimentConfig,
-                         model: ICRTPolicy, train_ds: SequenceDataset, logger: RunLogger,
-                         best_success: float, progress: bool) -> float:
+def _end_epoch(run: _Run, epoch: int, last: bool) -> None:
+    """Validation loss (best/ by it when no simulator evaluates), checkpoint, evaluation."""
+    cfg = run.cfg
+    scfg, ecfg = cfg.shared_cfg, cfg.eval_cfg
+    summary = {"epoch/train_loss": run.epoch_train_loss}
+    if run.val_loader is not None:
+        summary["epoch/val_loss"] = validation_loss(run.model, run.val_loader, cfg, run.device)
+    log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    evaluate = ecfg.eval_every > 0 and ((epoch + 1) % ecfg.eval_every == 0 or last)
+    simulator = ecfg.eval_every > 0 or ecfg.eval_every_steps > 0
+    better_val = (not simulator and "epoch/val_loss" in summary
+                  and summary["epoch/val_loss"] < run.best_val)
+    if better_val:
+        run.best_val = summary["epoch/val_loss"]
+    summary["epoch/val_loss_best"] = run.best_val if math.isfinite(run.best_val) else None
+    run.logger.log(run.step, {k: v for k, v in summary.items() if v is not None},
+                   epoch=epoch + 1)
+    if (epoch + 1) % scfg.save_every == 0 or last or evaluate or better_val:
+        ckpt_dir = _checkpoint(run, epoch, run.run_dir / f"checkpoint-{epoch}", batches_done=-1,
+                               evaluate=evaluate)
+        if better_val and run.info.is_main:
+            _save_best(run, ckpt_dir, epoch, {"val_loss": run.best_val})
+        dist.barrier()
+
+
+def _checkpoint(run: _Run, epoch: int, ckpt_dir: Path, batches_done: int,
+                evaluate: bool) -> Path:
+    """Save a resumable checkpoint on rank 0 (``batches_done`` of ``epoch``; -1: all) and
+    evaluate it in the simulator when asked; the other ranks wait."""
+    if run.info.is_main:
+        state = {
+            "epoch": epoch,
+            "step": run.step,
+            "batches_done": batches_done,
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng_numpy": _numpy_tensors(np.random.get_state()),
+            "rng_python": _python_tensors(random.getstate()),
+            "best_success": run.best_success,
+            "best_val": run.best_val,
+        }
+        save_checkpoint(ckpt_dir, run.model, run.cfg, run.train_ds.normalizer, state)
+        prune_checkpoints(run.run_dir, run.cfg.shared_cfg.keep_last)
+        if evaluate:
+            _evaluate_checkpoint(run, ckpt_dir, epoch)
+    dist.barrier()
+    return ckpt_dir
+
+
+def _evaluate_checkpoint(run: _Run, ckpt_dir: Path, epoch: int) -> None:
     """Simulator evaluation of a fresh checkpoint; keeps RUN/best/ by mean success rate."""
     import dataclasses
-    import json
 
     from icrt.eval.rollout import evaluate, format_table
 
-    run_dir = ckpt_dir.parent
-    ecfg = dataclasses.replace(cfg.eval_cfg, checkpoint=str(ckpt_dir),
-                               out=str(run_dir / "eval" / f"epoch-{epoch}.json"))
-    results = evaluate(ecfg, progress=progress)
+    tag = f"epoch-{epoch}" if ckpt_dir.name.startswith(f"checkpoint-{epoch}") else \
+        f"step-{run.step}"
+    ecfg = dataclasses.replace(run.cfg.eval_cfg, checkpoint=str(ckpt_dir),
+                               out=str(run.run_dir / "eval" / f"{tag}.json"))
+    results = evaluate(ecfg, progress=run.progress)
     metrics = {"eval/mean_success": results["mean_success_rate"]}
     metrics.update({f"eval/success/{t}": r["success_rate"] for t, r in results["tasks"].items()})
-    logger.log(step, metrics, epoch=epoch + 1)
-    log.info("evaluation after epoch %d:\n%s", epoch, format_table(results))
-    if results["mean_success_rate"] > best_success:
-        best_success = results["mean_success_rate"]
-        summary = {"epoch": epoch, "step": step, "mean_success_rate": best_success,
-                   "tasks": results["tasks"], "source": ckpt_dir.name}
-        best = save_checkpoint(run_dir / "best", model, cfg, train_ds.normalizer,
-                               extra_files={"eval.json": json.dumps(summary, indent=1) + "\n"})
-        log.info("new best checkpoint (mean success %.1f%%) in %s", 100 * best_success, best)
-    return best_success
+    if results["mean_success_rate"] > run.best_success:
+        run.best_success = results["mean_success_rate"]
+        _save_best(run, ckpt_dir, epoch, {"mean_success_rate": run.best_success,
+                                          "tasks": results["tasks"]})
+    metrics["eval/mean_success_best"] = run.best_success
+    run.logger.log(run.step, metrics, epoch=epoch + 1)
+    log.info("evaluation after epoch %d, step %d:\n%s", epoch, run.step, format_table(results))
+
+
+def _save_best(run: _Run, ckpt_dir: Path, epoch: int, record: dict[str, Any]) -> None:
+    import json
+
+    summary = {"epoch": epoch, "step": run.step, **record, "source": ckpt_dir.name}
+    best = save_checkpoint(run.run_dir / "best", run.model, run.cfg, run.train_ds.normalizer,
+                           extra_files={"eval.json": json.dumps(summary, indent=1) + "\n"})
+    what = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+    log.info("new best checkpoint (%s) in %s", what, best)
+
+
+# RNG states as tensors and numbers only (train_state.pt is loaded with weights_only=True).
+def _numpy_tensors(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state(d: dict[str, Any]) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"],
+            d["cached"])
+
+
+def _python_tensors(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss}
+
+
+def _python_state(d: dict[str, Any]) -> tuple:
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
+
+
+def _best_record(run_dir: Path, key: str, default: float) -> float:
+    """A number recorded in RUN/best/eval.json (``default`` without one)."""
+    import json
+
+    try:
+        return float(json.loads((run_dir / "best" / "eval.json").read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
 
 
 def _best_success(run_dir: Path) -> float:
-    """Mean success rate recorded in RUN/best/eval.json (-1 without one)."""
-    import json
+    return _best_record(run_dir, "mean_success_rate", -1.0)
 
-    path = run_dir / "best" / "eval.json"
-    try:
-        return float(json.loads(path.read_text())["mean_success_rate"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1.0
+
+def _best_val(run_dir: Path) -> float:
+    return _best_record(run_dir, "val_loss", math.inf)
 
 
 def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
