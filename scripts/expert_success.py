@@ -32,8 +32,6 @@ from icrt.cli import run
 from icrt.envs.base import available_tasks, check_tasks, make_env, make_expert
 from icrt.errors import UserError
 
-FAMILY_OBJECTS = ("Milk", "Bread", "Cereal", "Can")
-
 
 @dataclasses.dataclass(frozen=True)
 class Args:

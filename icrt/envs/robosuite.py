@@ -16,30 +16,25 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Any
 
 import numpy as np
 
 from icrt.envs.base import check_env_args, make_renderer
+from icrt.envs.robosuite_tasks import (  # noqa: F401 (task names are part of this adapter's API)
+    BASE_TASKS,
+    DEFAULT_MAX_STEPS,
+    FAMILY_OBJECTS,
+    NUM_BINS,
+    check_task,
+    default_max_steps,
+    parse_family_task,
+    robosuite_tasks,
+)
 from icrt.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BASE_TASKS: tuple[str, ...] = ("Lift", "Stack", "PickPlaceCan", "NutAssemblySquare")
-FAMILY_OBJECTS: tuple[str, ...] = ("Milk", "Bread", "Cereal", "Can")
-NUM_BINS = 4
-_FAMILY_RE = re.compile(r"^PickPlace(Milk|Bread|Cereal|Can)ToBin([1-4])$")
-
-# Episode limits: the scripted experts finish in well under these (see docs/robosuite.md), which
-# leaves room for a learned policy's slower or corrective attempts.
-DEFAULT_MAX_STEPS: dict[str, int] = {
-    "Lift": 250,
-    "Stack": 450,
-    "PickPlaceCan": 450,
-    "NutAssemblySquare": 550,
-    "family": 450,
-}
 RENDER_SIZE = 256
 # Robosuite's own "object released" test: reach reward 1 - tanh(10 d) < 0.6 <=> d > atanh(0.4)/10.
 _RELEASE_DIST = float(np.arctanh(0.4) / 10.0)
@@ -55,31 +50,6 @@ _NOISY_LOG_PARTS = (
     "Loading controller configuration",
     "but the robot does not have this component",
 )
-
-
-def robosuite_tasks() -> list[str]:
-    """All task names this adapter knows: the four standard tasks, then the 16 family tasks."""
-    family = [f"PickPlace{o}ToBin{k}" for o in FAMILY_OBJECTS for k in range(1, NUM_BINS + 1)]
-    return [*BASE_TASKS, *family]
-
-
-def parse_family_task(task: str) -> tuple[str, int] | None:
-    """``"PickPlaceMilkToBin3"`` -> ``("Milk", 3)``; ``None`` for a task outside the family."""
-    m = _FAMILY_RE.match(task)
-    return (m.group(1), int(m.group(2))) if m else None
-
-
-def _check_task(task: str) -> None:
-    if task not in BASE_TASKS and parse_family_task(task) is None:
-        raise UserError(
-            f"Unknown robosuite task '{task}'; choose one of {', '.join(BASE_TASKS)} or "
-            "PickPlace{Milk,Bread,Cereal,Can}ToBin{1..4}."
-        )
-
-
-def default_max_steps(task: str) -> int:
-    _check_task(task)
-    return DEFAULT_MAX_STEPS["family" if parse_family_task(task) else task]
 
 
 class _DropNoise(logging.Filter):
@@ -135,7 +105,7 @@ class RobosuiteEnv:
         max_steps: int | None = None,
         control_freq: int = 20,
     ) -> None:
-        _check_task(task)
+        check_task(task)
         cameras = tuple(cameras)
         check_env_args(image_size, cameras, max_steps)
         if control_freq <= 0:
@@ -437,7 +407,7 @@ def make_robosuite_env(
 
 def make_robosuite_expert(task: str) -> Any:
     """The scripted demonstrator for ``task`` (reads privileged state via ``env.sim_state()``)."""
-    _check_task(task)
+    check_task(task)
     from icrt.envs.experts.robosuite_experts import make_expert
 
     return make_expert(task)

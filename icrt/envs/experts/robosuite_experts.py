@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from icrt.envs.robosuite_tasks import parse_family_task
 from icrt.errors import UserError
 
 # OSC_POSE scales actions in [-1, 1] to at most 5 cm and 0.5 rad per step.
@@ -605,8 +606,6 @@ class NutAssemblySquareExpert(_PickExpert):
 
 def make_expert(task: str) -> _StateMachine:
     """The scripted expert for a robosuite adapter task name."""
-    from icrt.envs.robosuite import parse_family_task
-
     if task == "Lift":
         return LiftExpert(task)
     if task == "Stack":
