@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Literal
 
@@ -30,6 +29,7 @@ import tyro
 
 from icrt.cli import run
 from icrt.envs.base import available_tasks, check_tasks, make_env, make_expert
+from icrt.envs.episode import run_episode
 from icrt.errors import UserError
 
 
@@ -94,20 +94,10 @@ def run_chunk(args: Args, task: str, seeds: list[int]) -> list[EpisodeResult]:
         for seed in seeds:
             obs = env.reset(seed=seed)
             expert.reset(env)
-            success_at: int | None = None
-            sim_s, cpu_s, steps = 0.0, 0.0, 0
-            for t in range(1, env.max_steps + 1):
-                action = expert.act(env, obs)
-                t0, c0 = time.perf_counter(), time.process_time()
-                obs, _, done, info = env.step(action)
-                sim_s += time.perf_counter() - t0
-                cpu_s += time.process_time() - c0
-                steps += 1
-                if info["success"] and success_at is None:
-                    success_at = t
-                if done or (success_at is not None and t >= success_at + args.post_success_steps):
-                    break
-            r = EpisodeResult(task, seed, success_at is not None, steps, sim_s, cpu_s, steps)
+            ep = run_episode(env, obs, lambda o: expert.act(env, o),
+                             post_success_steps=args.post_success_steps)
+            r = EpisodeResult(task, seed, ep.success, ep.length, ep.sim_seconds,
+                              ep.sim_cpu_seconds, ep.length)
             if args.verbose:
                 print(f"{task} seed={seed} success={r.success} len={r.length}", file=sys.stderr)
             results.append(r)

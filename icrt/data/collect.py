@@ -29,7 +29,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from icrt.config import CollectConfig
 from icrt.data.spec import write_dataset_json
 from icrt.data.store import EpisodeStore, acquire_lock, lock_path, release_lock
 from icrt.envs.base import check_tasks, default_cameras, episode_seed, make_env, make_expert
+from icrt.envs.episode import run_episode, worker_pool
 from icrt.errors import UserError
 from icrt.fsutil import fsync_path, pid_alive, remove_leftovers
 
@@ -85,28 +85,11 @@ def run_expert_episode(job: _Job) -> dict[str, Any]:
     env, expert = _WORKER_ENVS[key]
     obs = env.reset(job.seed)
     expert.reset(env)
-    steps: dict[str, list[np.ndarray]] = {k: [] for k in obs}
-    actions, rewards = [], []
-    success = False
     t0 = time.perf_counter()
-    for _ in range(env.max_steps):
-        action = np.asarray(expert.act(env, obs), np.float32)
-        for k, v in obs.items():
-            steps[k].append(v)
-        actions.append(action)
-        obs, reward, done, info = env.step(action)
-        rewards.append(reward)
-        if info["success"]:
-            success = True
-            break
-        if done:
-            break
-    data = {k: np.stack(v) for k, v in steps.items()}
-    data["action"] = np.stack(actions)
-    data["reward"] = np.asarray(rewards, np.float32)
+    ep = run_episode(env, obs, lambda o: expert.act(env, o), record=True)
     return {
-        "data": data,
-        "success": success,
+        "data": ep.data,
+        "success": ep.success,
         "seed": job.seed,
         "seconds": time.perf_counter() - t0,
         "obs_meta": env.obs_meta(),
@@ -259,9 +242,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         bar = tqdm(total=total, initial=min(done, total), desc=f"collect {cfg.env}", unit="ep",
                    disable=not progress)
         if cfg.workers > 1:
-            executor = ProcessPoolExecutor(
-                cfg.workers, mp_context=get_context("spawn"), initializer=_worker_init
-            )
+            executor = worker_pool(cfg.workers, _worker_init)
         else:
             _worker_init()
         for stream, path, wanted in splits:

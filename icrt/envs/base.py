@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,8 +31,13 @@ class Env(Protocol):
     task: str
     max_steps: int
     action_dim: int
+    fps: float  # control rate, stored with collected episodes
 
     def reset(self, seed: int) -> dict[str, np.ndarray]: ...
+
+    def obs_meta(self) -> dict[str, dict[str, Any]]:
+        """Extra store metadata per observation key (e.g. ``{"rotation": {...}}``)."""
+        ...
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
         """Apply one action; returns (obs, reward, done, info) with ``info["success"]`` a bool."""
@@ -50,26 +56,25 @@ class Expert(Protocol):
     def act(self, env: Env, obs: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
-# name -> "module:function" building an Env; importing lazily keeps `import icrt` light.
-_REGISTRY: dict[str, str] = {
-    "metaworld": "icrt.envs.metaworld:make_metaworld_env",
-    "robosuite": "icrt.envs.robosuite:make_robosuite_env",
-}
-# name -> "module:function" listing the tasks an adapter knows.
-_TASK_LISTS: dict[str, str] = {
-    "metaworld": "icrt.envs.metaworld:metaworld_tasks",
-    "robosuite": "icrt.envs.robosuite:robosuite_tasks",
-}
-# name -> "module:function" building the scripted expert for a task.
-_EXPERTS: dict[str, str] = {
-    "metaworld": "icrt.envs.metaworld:make_metaworld_expert",
-    "robosuite": "icrt.envs.robosuite:make_robosuite_expert",
-}
+@dataclass(frozen=True)
+class Simulator:
+    """One registry entry per simulator; "module:function" strings import lazily, which keeps
+    ``import icrt`` light. Adding a simulator is one adapter module plus one entry here."""
 
-# Cameras rendered when images are asked for without naming cameras.
-_DEFAULT_CAMERAS: dict[str, tuple[str, ...]] = {
-    "metaworld": ("corner", "gripperPOV"),
-    "robosuite": ("agentview", "robot0_eye_in_hand"),
+    make_env: str  # builds an Env for a task (keyword-only options)
+    tasks: str  # lists the task names
+    make_expert: str  # builds the scripted expert of a task
+    default_cameras: tuple[str, ...]  # rendered when images are asked for without cameras
+
+
+SIMULATORS: dict[str, Simulator] = {
+    "metaworld": Simulator("icrt.envs.metaworld:make_metaworld_env",
+                           "icrt.envs.metaworld:metaworld_tasks",
+                           "icrt.envs.metaworld:make_metaworld_expert", ("corner", "gripperPOV")),
+    "robosuite": Simulator("icrt.envs.robosuite:make_robosuite_env",
+                           "icrt.envs.robosuite:robosuite_tasks",
+                           "icrt.envs.robosuite:make_robosuite_expert",
+                           ("agentview", "robot0_eye_in_hand")),
 }
 
 
@@ -79,17 +84,17 @@ def _load(spec: str) -> Callable[..., Any]:
 
 
 def env_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(SIMULATORS)
 
 
 def _check_env(name: str) -> None:
-    if name not in _REGISTRY:
+    if name not in SIMULATORS:
         raise UserError(f"Unknown environment '{name}'; choose one of {', '.join(env_names())}.")
 
 
 def available_tasks(env: str) -> list[str]:
     _check_env(env)
-    return list(_load(_TASK_LISTS[env])())
+    return list(_load(SIMULATORS[env].tasks)())
 
 
 def check_tasks(env: str, tasks: Sequence[str]) -> None:
@@ -112,7 +117,7 @@ def make_env(env: str, task: str, **kwargs: Any) -> Env:
     import inspect
 
     _check_env(env)
-    factory = _load(_REGISTRY[env])
+    factory = _load(SIMULATORS[env].make_env)
     accepted = [n for n, p in inspect.signature(factory).parameters.items()
                 if p.kind == p.KEYWORD_ONLY]
     unknown = sorted(set(kwargs) - set(accepted))
@@ -124,12 +129,12 @@ def make_env(env: str, task: str, **kwargs: Any) -> Env:
 
 def default_cameras(env: str) -> tuple[str, ...]:
     _check_env(env)
-    return _DEFAULT_CAMERAS[env]
+    return SIMULATORS[env].default_cameras
 
 
 def make_expert(env: str, task: str) -> Expert:
     _check_env(env)
-    return _load(_EXPERTS[env])(task)
+    return _load(SIMULATORS[env].make_expert)(task)
 
 
 # Episode seeds are drawn from separate streams per purpose, so demonstrations, held-out

@@ -17,9 +17,8 @@ import logging
 import os
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from icrt.config import EvalConfig
 from icrt.data.spec import DatasetSpec
 from icrt.data.store import EpisodeStore
 from icrt.envs.base import check_tasks, episode_seed, make_env
+from icrt.envs.episode import run_episode, worker_pool
 from icrt.errors import UserError
 from icrt.fsutil import atomic_path, atomic_write_text, check_output_dir, check_output_file
 from icrt.train.checkpoint import read_checkpoint, verify_checkpoint
@@ -73,7 +73,7 @@ def close_worker_envs() -> None:
     _WORKER.pop("envs", None)
 
 
-def run_episode(job: _Episode) -> dict[str, Any]:
+def run_prompted_episode(job: _Episode) -> dict[str, Any]:
     """One prompted episode in this process (workers call it; so can tests)."""
     from icrt.eval.inference import InContextPolicy
 
@@ -98,28 +98,16 @@ def run_episode(job: _Episode) -> dict[str, Any]:
     policy.prompt(demos)
     policy.reset(seed=job.seed)
     obs = env.reset(job.seed)
-    frames = [env.render()] if job.video else []
-    success, total, steps = False, 0.0, 0
-    while steps < env.max_steps:
-        obs, reward, done, info = env.step(policy.act(obs))
-        steps += 1
-        total += reward
-        if job.video:
-            frames.append(env.render())
-        if info["success"]:
-            success = True
-            break
-        if done:
-            break
+    ep = run_episode(env, obs, policy.act, render=bool(job.video))
     if job.video:
-        _write_video(Path(job.video), frames, fps=min(30.0, getattr(env, "fps", 30.0)))
+        _write_video(Path(job.video), ep.frames, fps=min(30.0, getattr(env, "fps", 30.0)))
     return {
         "task": job.task,
         "index": job.index,
         "seed": job.seed,
-        "success": success,
-        "return": total,
-        "length": steps,
+        "success": ep.success,
+        "return": ep.total_return,
+        "length": ep.length,
         "seconds": time.perf_counter() - t0,
         "prompts": [list(p) for p in job.prompts],
         "video": job.video,
@@ -272,16 +260,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         _worker_init(cfg.threads_per_worker)
         try:
             for job in jobs:
-                episodes.append(run_episode(job))
+                episodes.append(run_prompted_episode(job))
                 bar.update(1)
         finally:
             close_worker_envs()
             torch.set_num_threads(threads)
     else:
-        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"),
-                                 initializer=_worker_init,
-                                 initargs=(cfg.threads_per_worker,)) as pool:
-            futures = [pool.submit(run_episode, j) for j in jobs]
+        with worker_pool(cfg.workers, _worker_init, (cfg.threads_per_worker,)) as pool:
+            futures = [pool.submit(run_prompted_episode, j) for j in jobs]
             for f in as_completed(futures):
                 episodes.append(f.result())
                 done = sum(e["success"] for e in episodes)
