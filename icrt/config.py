@@ -377,6 +377,10 @@ class EvalConfig:
     num_prompts: int = 1
     # Baseline: act without any prompt.
     no_prompt: bool = False
+    # Mismatched prompts: prompt the i-th evaluated task with demonstrations of the i-th task
+    # named here. The results then also report how often the *prompted* task was done (prompt
+    # following; needs an adapter that can judge another task, e.g. the robosuite family).
+    prompt_tasks: tuple[str, ...] | None = None
     # Episodes per task.
     episodes_per_task: int = 20
     # Episode length limit (default: the environment's).
@@ -416,6 +420,8 @@ class EvalConfig:
             _positive(self.max_steps, "--max-steps")
         if self.tasks is not None and not self.tasks:
             raise ValueError("--tasks needs at least one task name.")
+        if self.prompt_tasks is not None and self.no_prompt:
+            raise ValueError("--prompt-tasks and --no-prompt exclude each other.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -179,3 +179,61 @@ def test_robosuite_collect_train_eval_end_to_end(tmp_path) -> None:
     assert results["env"] == "robosuite" and results["tasks"]["Lift"]["episodes"] == 1
     assert results["episodes"][0]["length"] == 5
     assert (tmp_path / "videos" / "Lift_1prompt_ep000.mp4").stat().st_size > 0
+
+
+def test_family_env_judges_another_pair_for_prompt_following(family_env, lift_env) -> None:
+    from icrt.errors import UserError
+
+    family_env.reset(seed=1)
+    c = family_env.bin_center(3)
+    half_z = family_env.sim_state()["Bread_half"][2]
+    family_env.set_object_pose("Bread", [c[0], c[1], 0.82 + half_z + 0.005])
+    assert family_env.task_success("PickPlaceBreadToBin3")
+    assert not family_env.task_success("PickPlaceBreadToBin1")
+    assert not family_env.task_success("PickPlaceMilkToBin3")
+    assert not family_env.check_success()  # the env's own pair is another one
+    with pytest.raises(UserError, match="Only the pick-and-place family"):
+        lift_env.task_success("PickPlaceBreadToBin3")
+
+
+def test_mismatched_prompts_report_prompt_following(tmp_path) -> None:
+    """--prompt-tasks: episodes of one pair prompted with another pair's demonstrations."""
+    from icrt.config import EvalConfig, parse_config
+    from icrt.data.spec import write_dataset_json
+    from icrt.data.store import EpisodeStore
+    from icrt.eval.rollout import evaluate, format_table
+    from icrt.train.loop import train
+
+    env = make_env("robosuite", "PickPlaceMilkToBin1")
+    try:
+        obs = env.reset(0)
+    finally:
+        env.close()
+    pairs = ("PickPlaceMilkToBin1", "PickPlaceBreadToBin2")
+    rng = np.random.default_rng(0)
+    for name in ("fam", "fam_prompts"):  # random data of the right layout: plumbing only
+        store = EpisodeStore.create(tmp_path / f"{name}.zarr", env={"name": "robosuite"}, fps=20)
+        for task in pairs:
+            for _ in range(3):
+                n = 20
+                store.add_episode(
+                    {"state": rng.normal(size=(n, *obs["state"].shape)).astype("f4"),
+                     "action": rng.uniform(-1, 1, size=(n, 7)).astype("f4")}, task=task)
+        store.close()
+        write_dataset_json(tmp_path / f"{name}.json", stores=[tmp_path / f"{name}.zarr"],
+                           proprio_keys=["state"], action_keys=["action"], train_split=1.0)
+    from test_train import tiny_args
+
+    run = train(parse_config(tiny_args(tmp_path / "fam.json", tmp_path / "run",
+                                       "--trainer-cfg.epochs", "1", "--shared-cfg.seq-length",
+                                       "24")), progress=False)
+    results = evaluate(EvalConfig(checkpoint=str(run), tasks=pairs, prompt_tasks=pairs[::-1],
+                                  prompt_dataset=str(tmp_path / "fam_prompts.json"),
+                                  episodes_per_task=1,
+                                  max_steps=3, workers=1), progress=False)
+    milk = results["tasks"]["PickPlaceMilkToBin1"]
+    assert milk["prompt_task"] == "PickPlaceBreadToBin2" and milk["prompt_following_rate"] == 0
+    ep = results["episodes"][0]
+    assert ep["prompt_task"] == "PickPlaceBreadToBin2" and ep["prompt_task_done"] is False
+    assert "prompted task done" in format_table(results)
+    assert results["mean_prompt_following_rate"] == 0.0

@@ -30,6 +30,7 @@ class Episode:
     frames: list[np.ndarray] = field(default_factory=list)  # with render=True
     sim_seconds: float = 0.0  # wall time inside env.step
     sim_cpu_seconds: float = 0.0  # process CPU time inside env.step
+    watched: bool = False  # ``watch`` became true at some step
 
 
 def run_episode(
@@ -40,10 +41,12 @@ def run_episode(
     record: bool = False,
     render: bool = False,
     post_success_steps: int = 0,
+    watch: Callable[[], bool] | None = None,
 ) -> Episode:
     """Run ``act`` from the reset observation ``obs``. ``record`` keeps every observation,
     action and reward (as a store episode: observations before each action); ``render`` keeps a
-    frame before the first step and after every step."""
+    frame before the first step and after every step; ``watch`` is asked after every step (e.g.
+    whether another task than the env's was done)."""
     ep = Episode()
     steps: dict[str, list[Any]] = {k: [] for k in obs} if record else {}
     actions, rewards = [], []
@@ -64,6 +67,8 @@ def run_episode(
         rewards.append(reward)
         if render:
             ep.frames.append(env.render())
+        if watch is not None and not ep.watched:
+            ep.watched = bool(watch())
         if info["success"] and ep.success_step is None:
             ep.success, ep.success_step = True, ep.length
         if done or (ep.success and ep.length >= ep.success_step + post_success_steps):

@@ -217,6 +217,14 @@ class RobosuiteEnv:
             return bool(self.raw_env._check_success())
         return self.object_in_bin(self.target_object, self.target_bin, require_release=True)
 
+    def task_success(self, task: str) -> bool:
+        """Whether another family task (same scene, another object or bin) is done now."""
+        family = parse_family_task(task)
+        if self._family is None or family is None:
+            raise UserError(f"Only the pick-and-place family can judge another task; "
+                            f"'{self.task}' cannot judge '{task}'.")
+        return self.object_in_bin(family[0], family[1], require_release=True)
+
     def object_in_bin(self, obj: str, k: int, *, require_release: bool = True) -> bool:
         """Whether family object ``obj`` lies in target bin ``k`` (1..4), as robosuite checks it.
 

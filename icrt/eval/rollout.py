@@ -48,6 +48,7 @@ class _Episode:
     env_kwargs: tuple[tuple[str, Any], ...]
     policy_kwargs: tuple[tuple[str, Any], ...]
     video: str | None
+    prompt_task: str | None = None  # the task the prompts show, when it is not ``task``
 
 
 # Per worker process: the loaded policy, simulators per task and open prompt stores.
@@ -98,7 +99,10 @@ def run_prompted_episode(job: _Episode) -> dict[str, Any]:
     policy.prompt(demos)
     policy.reset(seed=job.seed)
     obs = env.reset(job.seed)
-    ep = run_episode(env, obs, policy.act, render=bool(job.video))
+    watch = None
+    if job.prompt_task is not None:  # prompt following: was the prompted task done?
+        watch = lambda: env.task_success(job.prompt_task)  # noqa: E731
+    ep = run_episode(env, obs, policy.act, render=bool(job.video), watch=watch)
     if job.video:
         _write_video(Path(job.video), ep.frames, fps=min(30.0, getattr(env, "fps", 30.0)))
     return {
@@ -110,6 +114,8 @@ def run_prompted_episode(job: _Episode) -> dict[str, Any]:
         "length": ep.length,
         "seconds": time.perf_counter() - t0,
         "prompts": [list(p) for p in job.prompts],
+        "prompt_task": job.prompt_task,
+        "prompt_task_done": ep.watched if job.prompt_task is not None else None,
         "video": job.video,
     }
 
@@ -190,7 +196,9 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
             raise UserError("Give held-out demonstrations with --prompt-dataset D.json, or "
                             "evaluate without prompts with --no-prompt.")
         keys = [*spec.proprio_keys, *spec.action_keys, *spec.camera_keys]
-        pool = _prompt_pool(cfg, tasks, keys, _training_episodes(ckpt.path))
+        prompted = _prompted_tasks(cfg, env_name, tasks, env_kwargs)
+        pool = _prompt_pool(cfg, sorted(set(prompted.values())), keys,
+                            _training_episodes(ckpt.path))
     policy_kwargs = (("device", device), ("execution", cfg.execution),
                      ("open_loop_steps", cfg.open_loop_steps),
                      ("ensemble_decay", cfg.ensemble_decay),
@@ -199,8 +207,10 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
     for task in tasks:
         for i in range(cfg.episodes_per_task):
             rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode()), i, 3])
+            source = task if cfg.no_prompt else prompted[task]
             chosen = () if cfg.no_prompt else tuple(
-                pool[task][j] for j in rng.choice(len(pool[task]), cfg.num_prompts, replace=False)
+                pool[source][j]
+                for j in rng.choice(len(pool[source]), cfg.num_prompts, replace=False)
             )
             video = None
             if cfg.video_dir and i < cfg.videos_per_task:
@@ -208,9 +218,31 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
                 video = str(Path(cfg.video_dir) / f"{task}_{tag}_ep{i:03d}.mp4")
             jobs.append(_Episode(str(ckpt.path), env_name, task, i,
                                  episode_seed(cfg.seed, "eval", task, i), chosen,
-                                 tuple(sorted(env_kwargs.items())), policy_kwargs, video))
+                                 tuple(sorted(env_kwargs.items())), policy_kwargs, video,
+                                 source if source != task else None))
     meta = {"checkpoint": str(ckpt.path), "env": env_name, "tasks": tasks, "device": device}
     return jobs, meta
+
+
+def _prompted_tasks(cfg: EvalConfig, env_name: str, tasks: list[str],
+                    env_kwargs: dict[str, Any]) -> dict[str, str]:
+    """Evaluated task -> the task its prompts show (itself unless --prompt-tasks)."""
+    if cfg.prompt_tasks is None:
+        return {t: t for t in tasks}
+    if len(cfg.prompt_tasks) != len(tasks):
+        raise UserError(f"--prompt-tasks names {len(cfg.prompt_tasks)} task(s) but {len(tasks)} "
+                        f"are evaluated; give one prompt task per evaluated task, in order.")
+    check_tasks(env_name, cfg.prompt_tasks)
+    env = make_env(env_name, tasks[0], **env_kwargs)  # can it judge the prompted task?
+    try:
+        env.reset(0)
+        if not hasattr(env, "task_success"):
+            raise UserError(f"The {env_name} adapter cannot tell whether another task was done, "
+                            f"so --prompt-tasks cannot measure prompt following there.")
+        env.task_success(cfg.prompt_tasks[0])
+    finally:
+        env.close()
+    return dict(zip(tasks, cfg.prompt_tasks, strict=True))
 
 
 def _check_env_matches(env_name: str, task: str, env_kwargs: dict, spec: Any, path: Path) -> None:
@@ -284,6 +316,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             "mean_return": float(np.mean([e["return"] for e in eps])),
             "mean_length": float(np.mean([e["length"] for e in eps])),
         }
+        if eps and eps[0]["prompt_task"] is not None:
+            per_task[task]["prompt_task"] = eps[0]["prompt_task"]
+            per_task[task]["prompt_following_rate"] = float(
+                np.mean([e["prompt_task_done"] for e in eps]))
     results = {
         "checkpoint": meta["checkpoint"],
         "env": meta["env"],
@@ -295,6 +331,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "device": meta["device"],
         "tasks": per_task,
         "mean_success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
+        "mean_prompt_following_rate": (
+            float(np.mean([t["prompt_following_rate"] for t in per_task.values()]))
+            if cfg.prompt_tasks else None),
         "wall_seconds": time.perf_counter() - t0,
         "config": asdict(cfg),
         "episodes": episodes,
@@ -323,15 +362,27 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, Any], title: str | None = None) -> str:
-    """Markdown table of per-task success (and the mean)."""
+    """Markdown table of per-task success (and the mean); with mismatched prompts also the
+    prompted task and how often it was done instead."""
     label = "no prompt" if results.get("no_prompt") else f"{results['num_prompts']} prompt(s)"
+    mismatched = results.get("mean_prompt_following_rate") is not None
+    head = "| task | success | mean length | mean return |"
+    rule = "| --- | ---: | ---: | ---: |"
+    if mismatched:
+        head += " prompted task | prompted task done |"
+        rule += " --- | ---: |"
     lines = [f"**{title or results['env']}** ({label}, {results['episodes_per_task']} episodes "
-             f"per task)", "",
-             "| task | success | mean length | mean return |", "| --- | ---: | ---: | ---: |"]
+             f"per task)", "", head, rule]
     for task, r in results["tasks"].items():
-        lines.append(f"| {task} | {100 * r['success_rate']:.0f}% | {r['mean_length']:.0f} | "
-                     f"{r['mean_return']:.1f} |")
-    lines.append(f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | | |")
+        row = (f"| {task} | {100 * r['success_rate']:.0f}% | {r['mean_length']:.0f} | "
+               f"{r['mean_return']:.1f} |")
+        if mismatched:
+            row += f" {r['prompt_task']} | {100 * r['prompt_following_rate']:.0f}% |"
+        lines.append(row)
+    mean = f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | | |"
+    if mismatched:
+        mean += f" | **{100 * results['mean_prompt_following_rate']:.1f}%** |"
+    lines.append(mean)
     return "\n".join(lines)
 
 
