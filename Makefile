@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export MUJOCO_GL ?= egl
 
-.PHONY: install test test-fast lint format bench demo
+.PHONY: install test test-fast lint format bench demo icg
 
 # The Meta-World demo (BENCHMARKS.md MW5): five tasks, 20 scripted demonstrations each for
 # training, 10 more each held out as prompts; a 128x4 policy trained on the CPU; 20 prompted
@@ -56,3 +56,39 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py all
+
+# ICG (BENCHMARKS.md): in-context generalisation on the robosuite (object, bin) family. The four
+# held-out pairs (one per object and per bin) never enter a training store; their demonstrations
+# live in a separate store used only for prompts. Evaluated prompted, without a prompt, and with a
+# mismatched prompt (another held-out pair: prompt following).
+ICG_HELDOUT := PickPlaceMilkToBin1 PickPlaceBreadToBin2 PickPlaceCerealToBin3 PickPlaceCanToBin4
+ICG_TRAIN := PickPlaceMilkToBin2 PickPlaceMilkToBin3 PickPlaceMilkToBin4 \
+	PickPlaceBreadToBin1 PickPlaceBreadToBin3 PickPlaceBreadToBin4 \
+	PickPlaceCerealToBin1 PickPlaceCerealToBin2 PickPlaceCerealToBin4 \
+	PickPlaceCanToBin1 PickPlaceCanToBin2 PickPlaceCanToBin3
+ICG_MISMATCH := PickPlaceBreadToBin2 PickPlaceCerealToBin3 PickPlaceCanToBin4 PickPlaceMilkToBin1
+ICG_RUN := runs/icg
+ICG_EVAL := --checkpoint $(ICG_RUN) --env robosuite --tasks $(ICG_HELDOUT) --episodes-per-task 10 \
+	--workers 2
+
+icg: $(STAMP)
+	$(PY) scripts/collect.py --env robosuite --tasks $(ICG_TRAIN) --episodes-per-task 30 \
+	    --prompt-episodes-per-task 5 --workers 2 --seed 0 --out data/icg.zarr --overwrite
+	$(PY) scripts/collect.py --env robosuite --tasks $(ICG_HELDOUT) --episodes-per-task 10 \
+	    --train-split 1.0 --workers 2 --seed 0 --out data/icg_heldout.zarr --overwrite
+	if [ -d $(ICG_RUN) ]; then mv $(ICG_RUN) $(ICG_RUN).$$(date +%Y%m%d-%H%M%S); fi
+	$(PY) scripts/train.py --dataset-cfg.dataset-json data/icg.json \
+	    --model-cfg.policy-cfg.scratch-llama-config config/model_config/mini.json \
+	    --shared-cfg.seq-length 384 --shared-cfg.num-pred-steps 4 --shared-cfg.batch-size 8 \
+	    --trainer-cfg.accum-iter 1 --trainer-cfg.epochs 12 --trainer-cfg.num-workers 0 \
+	    --optimizer-cfg.lr 1e-3 --optimizer-cfg.warmup-epochs 1 \
+	    --dataset-cfg.non-overlapping 64 --shared-cfg.save-every 4 \
+	    --logging-cfg.output-dir runs --logging-cfg.log-name icg --logging-cfg.no-wandb
+	$(PY) scripts/eval.py $(ICG_EVAL) --no-prompt --out $(ICG_RUN)/heldout_noprompt.json
+	$(PY) scripts/eval.py $(ICG_EVAL) --prompt-dataset data/icg_heldout.json --num-prompts 1 \
+	    --out $(ICG_RUN)/heldout_1prompt.json --baseline $(ICG_RUN)/heldout_noprompt.json
+	$(PY) scripts/eval.py $(ICG_EVAL) --prompt-dataset data/icg_heldout.json --num-prompts 1 \
+	    --prompt-tasks $(ICG_MISMATCH) --out $(ICG_RUN)/heldout_mismatched.json
+	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 5 \
+	    --workers 2 --prompt-dataset data/icg_prompts.json --num-prompts 1 \
+	    --out $(ICG_RUN)/train_pairs_1prompt.json

@@ -1,0 +1,42 @@
+"""The ICG benchmark's split (Makefile `icg`): held-out pairs never enter a training store."""
+
+import re
+from pathlib import Path
+
+from icrt.envs.robosuite_tasks import BASE_TASKS, parse_family_task, robosuite_tasks
+
+MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
+
+
+def _make_list(name: str) -> list[str]:
+    text = MAKEFILE.read_text().replace("\\\n", " ")
+    m = re.search(rf"^{name} := (.*)$", text, re.M)
+    assert m, name
+    return m.group(1).split()
+
+
+def test_icg_split_holds_out_one_pair_per_object_and_bin():
+    held, train, mismatch = (_make_list(n) for n in ("ICG_HELDOUT", "ICG_TRAIN", "ICG_MISMATCH"))
+    family = [t for t in robosuite_tasks() if t not in BASE_TASKS]
+    assert len(held) == 4 and len(train) == 12
+    assert not set(held) & set(train)  # never trained on
+    assert sorted(held + train) == sorted(family)
+    pairs = [parse_family_task(t) for t in held]
+    assert len({o for o, _ in pairs}) == 4 and len({k for _, k in pairs}) == 4
+    # every held-out object and bin is seen in training, only not together
+    trained = [parse_family_task(t) for t in train]
+    assert {o for o, _ in pairs} <= {o for o, _ in trained}
+    assert {k for _, k in pairs} <= {k for _, k in trained}
+    # mismatched prompts: another held-out pair for every evaluated one
+    assert sorted(mismatch) == sorted(held) and all(a != b for a, b in zip(held, mismatch))
+
+
+def test_icg_training_store_is_collected_from_the_training_pairs_only():
+    text = MAKEFILE.read_text().replace("\\\n", " ")
+    train_collect = next(line for line in text.splitlines() if "--out data/icg.zarr" in line)
+    held_collect = next(line for line in text.splitlines() if "--out data/icg_heldout.zarr" in line)
+    assert "$(ICG_TRAIN)" in train_collect and "$(ICG_HELDOUT)" not in train_collect
+    assert "$(ICG_HELDOUT)" in held_collect and "--train-split 1.0" in held_collect
+    train_line = next(line for line in text.splitlines() if "scripts/train.py" in line
+                      and "icg.json" in line)
+    assert "icg_heldout" not in train_line
