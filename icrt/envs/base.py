@@ -68,7 +68,7 @@ class Simulator:
 
 
 SIMULATORS: dict[str, Simulator] = {
-    "metaworld": Simulator("icrt.envs.metaworld:make_metaworld_env",
+    "metaworld": Simulator("icrt.envs.metaworld:MetaWorldEnv",
                            "icrt.envs.metaworld:metaworld_tasks",
                            "icrt.envs.metaworld:make_metaworld_expert", ("corner", "gripperPOV")),
     "robosuite": Simulator("icrt.envs.robosuite:make_robosuite_env",

@@ -151,18 +151,5 @@ class MetaWorldExpert:
         return np.clip(self._policy.get_action(raw), -1.0, 1.0).astype(np.float32)
 
 
-def make_metaworld_env(
-    task: str,
-    *,
-    image_size: int = 0,
-    cameras: tuple[str, ...] = (),
-    max_steps: int | None = None,
-    render_size: int = 256,
-) -> MetaWorldEnv:
-    """Build the adapter for one Meta-World task (see :class:`MetaWorldEnv`)."""
-    return MetaWorldEnv(task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps,
-                        render_size=render_size)
-
-
 def make_metaworld_expert(task: str) -> MetaWorldExpert:
     return MetaWorldExpert(task)
