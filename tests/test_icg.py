@@ -28,7 +28,8 @@ def test_icg_split_holds_out_one_pair_per_object_and_bin():
     assert {o for o, _ in pairs} <= {o for o, _ in trained}
     assert {k for _, k in pairs} <= {k for _, k in trained}
     # mismatched prompts: another held-out pair for every evaluated one
-    assert sorted(mismatch) == sorted(held) and all(a != b for a, b in zip(held, mismatch, strict=True))
+    assert sorted(mismatch) == sorted(held)
+    assert all(a != b for a, b in zip(held, mismatch, strict=True))
 
 
 def test_icg_training_store_is_collected_from_the_training_pairs_only():
