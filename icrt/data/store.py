@@ -175,6 +175,8 @@ class EpisodeStore:
         self._writable = writable
         self._lock = lock
         self._attrs: dict[str, Any] = dict(group.attrs)
+        # opened arrays: opening one reads its zarr.json, too slow to repeat per window read
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
         n = int(self._attrs["num_episodes"])
         self._meta = {}
         for k in _META:
@@ -295,7 +297,7 @@ class EpisodeStore:
         for name in list(self._root["data"].keys()):
             if name not in live:
                 log.warning("%s: removing uncommitted array 'data/%s'", self.path, name)
-                del self._root["data"][name]
+                self._delete_array(name)
         for key in self.keys:
             arr = self.array(key)
             if arr.shape[0] != end:
@@ -308,14 +310,22 @@ class EpisodeStore:
                 arr.resize((n,))
 
     def _open_array(self, group: str, name: str) -> zarr.Array:
+        if (group, name) in self._arrays:
+            return self._arrays[group, name]
         try:
             # every chunk is written, even an all-zero one: a missing file is then damage
-            return self._root[group][name].with_config(_ARRAY_CONFIG)
+            arr = self._root[group][name].with_config(_ARRAY_CONFIG)
+            self._arrays[group, name] = arr
+            return arr
         except KeyError:
             raise _damaged(self.path, f"the array '{group}/{name}' is missing") from None
         except (ValueError, TypeError) as e:
             raise _damaged(self.path, f"the metadata of '{group}/{name}' is unreadable "
                                       f"({type(e).__name__}: {e})") from None
+
+    def _delete_array(self, name: str) -> None:
+        self._arrays.pop(("data", name), None)
+        del self._root["data"][name]
 
     def _chunk_files(self, arr: zarr.Array, group: str, name: str,
                      rows: int) -> list[tuple[Path, int]]:
@@ -619,10 +629,12 @@ class EpisodeStore:
             rows = max(1, min(256, _IMAGE_CHUNK_BYTES // frame))
         else:
             rows = _LOWDIM_CHUNK
-        return self._root["data"].create_array(
+        arr = self._root["data"].create_array(
             name, shape=(0, *step_shape), dtype=value.dtype, chunks=(rows, *step_shape),
             compressors=_COMPRESSOR, config=_ARRAY_CONFIG,
         )
+        self._arrays["data", name] = arr
+        return arr
 
     @staticmethod
     def _key_record(key: str, value: np.ndarray) -> dict[str, Any]:
@@ -752,7 +764,7 @@ class EpisodeStore:
         name, version = key, 1
         while name in self._root["data"]:  # beside the live array (and any leftovers)
             if name != old and name not in {self._array_name(k) for k in self.keys}:
-                del self._root["data"][name]  # an interrupted write's leftover
+                self._delete_array(name)  # an interrupted write's leftover
                 continue
             version += 1
             name = f"{key}.v{version}"
@@ -765,7 +777,7 @@ class EpisodeStore:
             try:
                 self._check_finite(key, block, f"Key '{key}' for store '{self.path}'", start)
             except UserError:
-                del self._root["data"][name]
+                self._delete_array(name)
                 raise
             arr[start : start + step] = block
         self._sync_rows(arr, "data", name, 0, len(rows))
@@ -776,7 +788,7 @@ class EpisodeStore:
             arrays[key] = name
         self._update_attrs(keys=keys, arrays=arrays)  # the commit
         if old is not None and old != name:
-            del self._root["data"][old]
+            self._delete_array(old)
         self._stats_cache.pop(key, None)
 
     def close(self) -> None:
