@@ -38,6 +38,9 @@ def test_max_steps_stops_mid_epoch_and_saves(reach_json, tmp_path):
     last = latest_checkpoint(run)
     assert last.name == "checkpoint-1"
     assert json.loads((last / "manifest.json").read_text())["step"] == n
+    # stopped two steps into epoch 1: a longer resume continues there, not at epoch 2
+    state = torch.load(last / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["batches_done"] == 2
 
 
 def test_mid_epoch_checkpoint_resumes_exactly(reach_json, tmp_path):

@@ -147,6 +147,7 @@ class _Run:
     best_success: float = -1.0
     best_val: float = math.inf
     epoch_train_loss: float = 0.0
+    batches_done: int = -1  # of the epoch just trained: -1 complete, else where --max-steps hit
 
     @property
     def device(self) -> torch.device:
@@ -425,6 +426,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
                         evaluate=evaluate)
     bar.close()
     run.epoch_train_loss = epoch_loss / max(epoch_n, 1)
+    run.batches_done = -1 if it + 1 == run.batches_per_epoch else it + 1
     return bool(tcfg.max_steps) and run.step >= tcfg.max_steps
 
 
@@ -446,8 +448,9 @@ def _end_epoch(run: _Run, epoch: int, last: bool) -> None:
     run.logger.log(run.step, {k: v for k, v in summary.items() if v is not None},
                    epoch=epoch + 1)
     if (epoch + 1) % scfg.save_every == 0 or last or evaluate or better_val:
-        ckpt_dir = _checkpoint(run, epoch, run.run_dir / f"checkpoint-{epoch}", batches_done=-1,
-                               evaluate=evaluate)
+        # a run stopped by --max-steps mid-epoch records where, so a longer resume continues there
+        ckpt_dir = _checkpoint(run, epoch, run.run_dir / f"checkpoint-{epoch}",
+                               batches_done=run.batches_done, evaluate=evaluate)
         if better_val and run.info.is_main:
             _save_best(run, ckpt_dir, epoch, {"val_loss": run.best_val})
         dist.barrier()
