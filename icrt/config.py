@@ -389,6 +389,9 @@ class EvalConfig:
     workers: int = 2
     # Torch threads per worker.
     threads_per_worker: int = 1
+    # Simulators each worker steps together, with one batched policy forward per step (for
+    # GPUs; 1 = one episode at a time). Results are the same either way.
+    num_envs: int = 1
     # Base seed: episode seeds, prompt choice and action sampling derive from it.
     seed: int = 0
     # Chunk execution: ensemble (temporal ensembling) or open_loop.
@@ -410,7 +413,8 @@ class EvalConfig:
     videos_per_task: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "episodes_per_task", "workers", "threads_per_worker"):
+        for name in ("num_prompts", "episodes_per_task", "workers", "threads_per_worker",
+                     "num_envs"):
             _positive(getattr(self, name), "--" + name.replace("_", "-"))
         _positive(self.eval_every, "--eval-every", allow_zero=True)
         _positive(self.eval_every_steps, "--eval-every-steps", allow_zero=True)

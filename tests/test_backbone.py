@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icrt.bench import hf_llama_config
 from icrt.config import PolicyConfig
 from icrt.errors import UserError
 from icrt.models.backbones import build_backbone, llama
 from icrt.models.backbones.llama import KVCache, LlamaBackbone, LlamaConfig
-from icrt.models.backbones.pretrained import load_pretrained_llama
+from icrt.models.backbones.pretrained import hf_llama_config, load_pretrained_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config/model_config/tiny.json"
@@ -453,3 +452,35 @@ def test_build_backbone(tmp_path: Path) -> None:
     pre = build_backbone(cfg, max_seq_len=32)
     assert pre.d_model == 32
     assert any("lora_" in n for n, _ in pre.named_parameters())
+
+
+def test_ragged_rows_equal_each_row_alone():
+    """Left-padded rows of different lengths (``valid``) and later steps with an idle row give
+    each row's own features: padding takes no position and is never attended to."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_json(TINY, max_seq_len=64)
+    bb = LlamaBackbone(cfg).eval()
+    lens = [5, 9, 0]
+    seqs = [torch.randn(n + 4, cfg.dim) for n in lens]
+    with torch.no_grad():
+        alone = [bb(s[None])[0] for s in seqs]
+        cache = bb.new_cache(3, 64)
+        L = max(lens)
+        x, valid = torch.zeros(3, L, cfg.dim), torch.zeros(3, L, dtype=torch.bool)
+        for i, n in enumerate(lens):
+            x[i, L - n:], valid[i, L - n:] = seqs[i][:n], True
+        out = bb(x, cache, valid)
+        assert cache.ragged and cache.row_length.tolist() == lens
+        for i, n in enumerate(lens):
+            if n:
+                torch.testing.assert_close(out[i, -1], alone[i][n - 1], atol=1e-5, rtol=0)
+        done = list(lens)
+        for step in range(4):
+            active = torch.tensor([True, step != 1, True])  # row 1 idles at step 1
+            x = torch.stack([seqs[i][min(done[i], len(seqs[i]) - 1)] for i in range(3)])[:, None]
+            out = bb(x, cache, active[:, None])
+            for i in range(3):
+                if active[i]:
+                    torch.testing.assert_close(out[i, 0], alone[i][done[i]], atol=1e-5, rtol=0)
+                    done[i] += 1
+        assert cache.row_length.tolist() == done

@@ -157,3 +157,23 @@ def test_results_reflect_actual_success(trained, tmp_path, monkeypatch):
     rollout._WORKER.clear()
     assert results["tasks"]["reach-v3"]["success_rate"] == 1.0
     assert np.mean([e["length"] for e in results["episodes"]]) < 150
+
+
+@pytest.mark.parametrize("workers,num_envs", [(1, 3), (2, 2)])
+def test_batched_simulators_give_the_same_results(trained, tmp_path, workers, num_envs):
+    """Several simulators per process with one batched policy forward per step: the same
+    episodes, successes and lengths as one episode at a time, and the same results JSON."""
+    root, run = trained
+    keys = ("task", "index", "seed", "success", "length", "prompts")
+    one = evaluate(_cfg(root, run, episodes_per_task=3), progress=False)
+    videos = tmp_path / "videos"
+    batched = evaluate(_cfg(root, run, episodes_per_task=3, workers=workers,
+                            num_envs=num_envs, video_dir=str(videos)), progress=False)
+    assert [{k: e[k] for k in keys} for e in batched["episodes"]] == \
+        [{k: e[k] for k in keys} for e in one["episodes"]]
+    np.testing.assert_allclose([e["return"] for e in batched["episodes"]],
+                               [e["return"] for e in one["episodes"]], rtol=1e-3, atol=1e-3)
+    assert batched["num_envs"] == num_envs and one["num_envs"] == 1
+    assert set(batched) == set(one) and batched["tasks"].keys() == one["tasks"].keys()
+    assert sorted(p.name for p in videos.iterdir()) == [
+        "button-press-topdown-v3_1prompt_ep000.mp4", "reach-v3_1prompt_ep000.mp4"]

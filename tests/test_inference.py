@@ -139,3 +139,53 @@ def test_bf16_backbone_acts_like_float32(runs):
         acts.append(_rollout(policy, query, episodes=1))
     assert policy.model.backbone.norm.weight.dtype == torch.bfloat16
     np.testing.assert_allclose(acts[0], acts[1], atol=0.1)
+
+
+@pytest.mark.parametrize("head", ["mlp", "diffusion"])
+def test_batched_rows_act_as_single_policies(runs, head):
+    """Rows with prompts of different lengths (one none), episodes of different lengths, a row
+    idle while others act, a row restarted mid-way and contexts that slide: every row's
+    actions equal its own InContextPolicy's."""
+    from icrt.eval.inference import BatchedInContextPolicy
+
+    root, paths = runs
+    store = EpisodeStore.open(root / "reach.zarr")
+    prompts = [[store.episode(0), store.episode(1)], [], [store.episode(4)]]
+    # (row, episode) -> query; row 1 runs two episodes, the second starting while others act
+    plan = {0: [store.episode(7)], 1: [store.episode(2), store.episode(8)],
+            2: [store.episode(5)]}
+    batch = BatchedInContextPolicy.from_checkpoint(paths[head], rows=3, seed=1)
+    singles = [InContextPolicy.from_checkpoint(paths[head], seed=1) for _ in range(3)]
+    for i in range(3):
+        batch.prompt(i, prompts[i])
+        singles[i].prompt(prompts[i])
+    episode, step = [0, 0, 0], [0, 0, 0]
+    for i in range(3):
+        batch.reset(i, seed=10 * i)
+        singles[i].reset(seed=10 * i)
+    got = {i: [] for i in range(3)}
+    want = {i: [] for i in range(3)}
+    tick, slid = 0, False
+    while any(episode[i] < len(plan[i]) for i in range(3)):
+        obs = [None] * 3
+        for i in range(3):
+            idle = i == 2 and tick % 3 == 1  # row 2 sits out some steps
+            if episode[i] < len(plan[i]) and not idle:
+                obs[i] = {"state": plan[i][episode[i]]["state"][step[i]]}
+        actions = batch.act(obs)
+        for i in range(3):
+            if obs[i] is None:
+                assert actions[i] is None
+                continue
+            got[i].append(actions[i])
+            want[i].append(singles[i].act(obs[i]))
+            slid = slid or singles[i]._offset > 0
+            step[i] += 1
+            if step[i] == len(plan[i][episode[i]]["state"]):
+                episode[i], step[i] = episode[i] + 1, 0
+                batch.reset(i, seed=10 * i + episode[i])
+                singles[i].reset(seed=10 * i + episode[i])
+        tick += 1
+    assert slid  # some row's context slid during an episode
+    for i in range(3):
+        np.testing.assert_allclose(np.array(got[i]), np.array(want[i]), atol=1e-4)

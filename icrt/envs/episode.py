@@ -33,51 +33,84 @@ class Episode:
     watched: bool = False  # ``watch`` became true at some step
 
 
-def run_episode(
-    env: Env,
-    obs: dict[str, np.ndarray],
-    act: Callable[[dict[str, np.ndarray]], np.ndarray],
-    *,
-    record: bool = False,
-    render: bool = False,
-    post_success_steps: int = 0,
-    watch: Callable[[], bool] | None = None,
-) -> Episode:
-    """Run ``act`` from the reset observation ``obs``. ``record`` keeps every observation,
-    action and reward (as a store episode: observations before each action); ``render`` keeps a
-    frame before the first step and after every step; ``watch`` is asked after every step (e.g.
-    whether another task than the env's was done)."""
-    ep = Episode()
-    steps: dict[str, list[Any]] = {k: [] for k in obs} if record else {}
-    actions, rewards = [], []
-    if render:
-        ep.frames.append(env.render())
-    while ep.length < env.max_steps:
-        action = np.asarray(act(obs), np.float32)
-        if record:
-            for k, v in obs.items():
-                steps[k].append(v)
-            actions.append(action)
+class EpisodeRunner:
+    """One episode driven a step at a time, for callers that step several simulators
+    together (batched evaluation); :func:`run_episode` is the closed loop over it.
+
+        runner = EpisodeRunner(env, env.reset(seed))
+        while not runner.done:
+            runner.step(policy(runner.obs))
+        ep = runner.finish()
+    """
+
+    def __init__(
+        self,
+        env: Env,
+        obs: dict[str, np.ndarray],
+        *,
+        record: bool = False,
+        render: bool = False,
+        post_success_steps: int = 0,
+        watch: Callable[[], bool] | None = None,
+    ) -> None:
+        self.env, self.obs = env, obs
+        self.record, self.render = record, render
+        self.post_success_steps, self.watch = post_success_steps, watch
+        self.ep = Episode()
+        self.done = env.max_steps <= 0
+        self._steps: dict[str, list[Any]] = {k: [] for k in obs} if record else {}
+        self._actions: list[np.ndarray] = []
+        self._rewards: list[float] = []
+        if render:
+            self.ep.frames.append(env.render())
+
+    def step(self, action: np.ndarray) -> None:
+        """Execute ``action`` from ``self.obs``; sets ``done`` when the episode is over."""
+        ep, env = self.ep, self.env
+        action = np.asarray(action, np.float32)
+        if self.record:
+            for k, v in self.obs.items():
+                self._steps[k].append(v)
+            self._actions.append(action)
         t0, c0 = time.perf_counter(), time.process_time()
-        obs, reward, done, info = env.step(action)
+        self.obs, reward, done, info = env.step(action)
         ep.sim_seconds += time.perf_counter() - t0
         ep.sim_cpu_seconds += time.process_time() - c0
         ep.length += 1
         ep.total_return += float(reward)
-        rewards.append(reward)
-        if render:
+        self._rewards.append(reward)
+        if self.render:
             ep.frames.append(env.render())
-        if watch is not None and not ep.watched:
-            ep.watched = bool(watch())
+        if self.watch is not None and not ep.watched:
+            ep.watched = bool(self.watch())
         if info["success"] and ep.success_step is None:
             ep.success, ep.success_step = True, ep.length
-        if done or (ep.success and ep.length >= ep.success_step + post_success_steps):
-            break
-    if record:
-        ep.data = {k: np.stack(v) for k, v in steps.items()}
-        ep.data["action"] = np.stack(actions)
-        ep.data["reward"] = np.asarray(rewards, np.float32)
-    return ep
+        self.done = (done or ep.length >= env.max_steps
+                     or (ep.success and ep.length >= ep.success_step + self.post_success_steps))
+
+    def finish(self) -> Episode:
+        """The episode (with its recorded data when ``record``)."""
+        if self.record:
+            self.ep.data = {k: np.stack(v) for k, v in self._steps.items()}
+            self.ep.data["action"] = np.stack(self._actions)
+            self.ep.data["reward"] = np.asarray(self._rewards, np.float32)
+        return self.ep
+
+
+def run_episode(
+    env: Env,
+    obs: dict[str, np.ndarray],
+    act: Callable[[dict[str, np.ndarray]], np.ndarray],
+    **options: Any,
+) -> Episode:
+    """Run ``act`` from the reset observation ``obs`` (options: see :class:`EpisodeRunner`).
+    ``record`` keeps every observation, action and reward (as a store episode: observations
+    before each action); ``render`` keeps a frame before the first step and after every step;
+    ``watch`` is asked after every step (e.g. whether another task than the env's was done)."""
+    runner = EpisodeRunner(env, obs, **options)
+    while not runner.done:
+        runner.step(act(runner.obs))
+    return runner.finish()
 
 
 def worker_pool(workers: int, initializer: Callable[..., None], initargs: tuple = ()):

@@ -22,6 +22,9 @@ of the context -- dropping the oldest prompt steps first, as training windows al
 a trajectory -- and re-encodes them once; ``overflow="error"`` raises instead. Both the cached
 path and ``use_cache=False`` (full recompute every step) apply the same rule, so they give the
 same actions.
+
+``BatchedInContextPolicy`` runs several such episodes (one per row, each with its own prompt)
+with one backbone forward per step, for evaluation on a GPU.
 """
 
 from __future__ import annotations
@@ -144,13 +147,20 @@ class InContextPolicy:
     @torch.no_grad()
     def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The action for observation ``obs`` (raw units, as the environment expects)."""
+        self._append_observation(obs)
+        return self._action_from(self._context_hidden())
+
+    def _append_observation(self, obs: Mapping[str, np.ndarray]) -> None:
+        """Append the executed action's token (if any) and the state token of ``obs``."""
         self._check_keys(obs, "the observation", need_action=False)
         if self._pending_action is not None:
             token = self.model.action_tokens(self._action_inputs(self._pending_action[None]))
             self._tokens.append(token[0, 0])
         state = self.model.state_tokens(self._obs_tensors(obs, None))  # (1, 1, D)
         self._tokens.append(state[0, 0])
-        hidden = self._context_hidden()  # (D,) feature at the new state token
+
+    def _action_from(self, hidden: torch.Tensor) -> np.ndarray:
+        """The action to execute now, given the feature (D,) at the newest state token."""
         need_chunk = self.execution == "ensemble" or not self._queue
         if need_chunk:
             chunk = self.model.predict_chunk(hidden[None], generator=self._generator,
@@ -181,11 +191,21 @@ class InContextPolicy:
         keep = (3 * self.max_tokens // 4) // 2 * 2
         return (n_tokens - keep) // 2 * 2
 
+    def _slide_if_full(self) -> bool:
+        """Apply the overflow rule; True when the context now starts later."""
+        if len(self._tokens) - self._offset <= self.max_tokens:
+            return False
+        self._offset = self._slide_offset(len(self._tokens))
+        return True
+
+    @property
+    def context(self) -> list[torch.Tensor]:
+        """The tokens the backbone sees now, (D,) each: s0 a0 s1 ..."""
+        return self._tokens[self._offset:]
+
     def _context_hidden(self) -> torch.Tensor:
-        if len(self._tokens) - self._offset > self.max_tokens:
-            self._offset = self._slide_offset(len(self._tokens))
-            if self._cache is not None:
-                self._cache.reset()
+        if self._slide_if_full() and self._cache is not None:
+            self._cache.reset()
         if self._cache is None:  # reference path: full recompute of the context
             x = torch.stack(self._tokens[self._offset:])[None].to(self.dtype)
             return self.model.backbone(x)[0, -1].float()
@@ -244,3 +264,90 @@ class InContextPolicy:
         w = np.exp(-self.ensemble_decay * np.arange(len(preds)))
         return (w[:, None] * preds).sum(0) / w.sum()
 
+
+
+class BatchedInContextPolicy:
+    """Several episodes (one per row) acting together: one backbone forward per step for all.
+
+        batch = BatchedInContextPolicy.from_checkpoint("runs/mw5/best", rows=8, device="cuda")
+        batch.prompt(i, demos); batch.reset(i, seed)      # per row, any time
+        actions = batch.act([obs_0, None, obs_2, ...])     # None: that row is idle this step
+
+    Each row is an :class:`InContextPolicy` of its own (prompt, chunk execution, overflow rule,
+    random generator), so a row acts exactly as that policy would alone, up to numerics: only
+    the backbone runs batched, on a shared KV cache whose rows are padded to line up (see
+    ``LlamaBackbone.forward``'s ``valid``). Appending a step is one cached forward; when a
+    row's context changes otherwise (a new prompt, a reset, a slide) or the padded cache is
+    full, the cache is rebuilt from every row's context in one forward. Observation encoders
+    and heads run per row.
+    """
+
+    def __init__(self, model: ICRTPolicy, checkpoint: Checkpoint, rows: int,
+                 device: str | torch.device = "cpu", **options: Any) -> None:
+        if rows < 1:
+            raise UserError(f"A batched policy needs at least one row (got {rows}).")
+        if options.get("use_cache") is False:
+            raise UserError("A batched policy always decodes with the KV cache.")
+        options["use_cache"] = False  # the rows keep tokens only; the batch owns the cache
+        self.rows = [InContextPolicy(model, checkpoint, device, **options) for _ in range(rows)]
+        self.model = self.rows[0].model
+        self.spec = self.rows[0].spec
+        self.max_tokens = self.rows[0].max_tokens
+        self._cache = self.model.backbone.new_cache(rows, self.max_tokens, device=device,
+                                                    dtype=self.rows[0].dtype)
+        self._cached = [0] * rows  # tokens of each row's context already in the cache
+        self._stale = True
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, rows: int, device: str | torch.device = "cpu",
+                        **options: Any) -> BatchedInContextPolicy:
+        model, ckpt = load_policy(path, device)
+        return cls(model, ckpt, rows, device, **options)
+
+    def prompt(self, row: int, demos: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Set row ``row``'s demonstrations (see :meth:`InContextPolicy.prompt`)."""
+        self.rows[row].prompt(demos)
+        self._stale = True
+
+    def reset(self, row: int, seed: int | None = None) -> None:
+        """Start a new episode in row ``row`` (same prompt), optionally re-seeding it."""
+        self.rows[row].reset(seed)
+        self._stale = True
+
+    @torch.no_grad()
+    def act(self, observations: Sequence[Mapping[str, np.ndarray] | None]) -> list:
+        """One action per row with an observation (None for the rows given None)."""
+        if len(observations) != len(self.rows):
+            raise UserError(f"act() got {len(observations)} observations for "
+                            f"{len(self.rows)} rows; pass None for an idle row.")
+        active = [i for i, obs in enumerate(observations) if obs is not None]
+        for i in active:
+            self.rows[i]._append_observation(observations[i])
+            if self.rows[i]._slide_if_full():
+                self._stale = True
+        hidden = self._forward()  # (rows, D) feature at each row's newest token
+        actions: list = [None] * len(self.rows)
+        for i in active:
+            actions[i] = self.rows[i]._action_from(hidden[i])
+        return actions
+
+    def _forward(self) -> torch.Tensor:
+        """Bring every row's context into the cache; the last position's features (rows, D)."""
+        new = [row.context[n:] for row, n in zip(self.rows, self._cached, strict=True)]
+        width = max(len(t) for t in new)
+        if self._stale or self._cache.length + width > self._cache.max_len:
+            self._cache.reset()
+            self._cached = [0] * len(self.rows)
+            new = [row.context for row in self.rows]
+            width = max(len(t) for t in new)
+            self._stale = False
+        D = self.model.d_model
+        x = torch.zeros(len(self.rows), max(width, 1), D, dtype=self.rows[0].dtype,
+                        device=self._cache.valid.device)  # (rows, width, D), left-padded
+        valid = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        for i, tokens in enumerate(new):
+            if tokens:
+                x[i, x.shape[1] - len(tokens):] = torch.stack(tokens).to(x.dtype)
+                valid[i, x.shape[1] - len(tokens):] = True
+            self._cached[i] += len(tokens)
+        return self.model.backbone(x, cache=self._cache, valid=valid)[:, -1].float()

@@ -29,7 +29,7 @@ from icrt.config import EvalConfig
 from icrt.data.spec import DatasetSpec
 from icrt.data.store import EpisodeStore
 from icrt.envs.base import check_tasks, episode_seed, make_env
-from icrt.envs.episode import run_episode, worker_pool
+from icrt.envs.episode import EpisodeRunner, worker_pool
 from icrt.errors import UserError
 from icrt.fsutil import atomic_path, atomic_write_text, check_output_dir, check_output_file
 from icrt.train.checkpoint import read_checkpoint, verify_checkpoint
@@ -74,18 +74,25 @@ def close_worker_envs() -> None:
     _WORKER.pop("envs", None)
 
 
-def run_prompted_episode(job: _Episode) -> dict[str, Any]:
-    """One prompted episode in this process (workers call it; so can tests)."""
-    from icrt.eval.inference import InContextPolicy
+def _policy(job: _Episode, rows: int = 0) -> Any:
+    """This process's policy for ``job`` (``rows`` > 0: a batched one), loaded once."""
+    from icrt.eval.inference import BatchedInContextPolicy, InContextPolicy
 
-    key = (job.checkpoint, job.policy_kwargs)
+    key = (job.checkpoint, job.policy_kwargs, rows)
     if _WORKER.get("policy_key") != key:
-        _WORKER["policy"] = InContextPolicy.from_checkpoint(job.checkpoint,
-                                                            **dict(job.policy_kwargs))
+        options = dict(job.policy_kwargs)
+        _WORKER["policy"] = (
+            BatchedInContextPolicy.from_checkpoint(job.checkpoint, rows, **options) if rows
+            else InContextPolicy.from_checkpoint(job.checkpoint, **options))
         _WORKER["policy_key"] = key
-    policy = _WORKER["policy"]
+    return _WORKER["policy"]
+
+
+def _start_episode(job: _Episode, slot: int = 0) -> tuple[EpisodeRunner, list[dict]]:
+    """The simulator of ``job`` reset to its seed (one cached simulator per slot and task) and
+    its prompt demonstrations."""
     envs = _WORKER.setdefault("envs", {})
-    env_key = (job.env, job.task, job.env_kwargs)
+    env_key = (slot, job.env, job.task, job.env_kwargs)
     if env_key not in envs:
         envs[env_key] = make_env(job.env, job.task, **dict(job.env_kwargs))
     env = envs[env_key]
@@ -95,16 +102,17 @@ def run_prompted_episode(job: _Episode) -> dict[str, Any]:
         if path not in stores:
             stores[path] = EpisodeStore.open(path)
         demos.append(stores[path].episode(index))
-    t0 = time.perf_counter()
-    policy.prompt(demos)
-    policy.reset(seed=job.seed)
-    obs = env.reset(job.seed)
     watch = None
     if job.prompt_task is not None:  # prompt following: was the prompted task done?
         watch = lambda: env.task_success(job.prompt_task)  # noqa: E731
-    ep = run_episode(env, obs, policy.act, render=bool(job.video), watch=watch)
+    obs = env.reset(job.seed)
+    return EpisodeRunner(env, obs, render=bool(job.video), watch=watch), demos
+
+
+def _episode_result(job: _Episode, runner: EpisodeRunner, seconds: float) -> dict[str, Any]:
+    ep = runner.finish()
     if job.video:
-        _write_video(Path(job.video), ep.frames, fps=min(30.0, getattr(env, "fps", 30.0)))
+        _write_video(Path(job.video), ep.frames, fps=min(30.0, getattr(runner.env, "fps", 30.0)))
     return {
         "task": job.task,
         "index": job.index,
@@ -112,12 +120,61 @@ def run_prompted_episode(job: _Episode) -> dict[str, Any]:
         "success": ep.success,
         "return": ep.total_return,
         "length": ep.length,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "prompts": [list(p) for p in job.prompts],
         "prompt_task": job.prompt_task,
         "prompt_task_done": ep.watched if job.prompt_task is not None else None,
         "video": job.video,
     }
+
+
+def run_prompted_episode(job: _Episode) -> dict[str, Any]:
+    """One prompted episode in this process (workers call it; so can tests)."""
+    policy = _policy(job)
+    t0 = time.perf_counter()
+    runner, demos = _start_episode(job)
+    policy.prompt(demos)
+    policy.reset(seed=job.seed)
+    while not runner.done:
+        runner.step(policy.act(runner.obs))
+    return _episode_result(job, runner, time.perf_counter() - t0)
+
+
+def run_prompted_batch(jobs: list[_Episode], num_envs: int) -> list[dict[str, Any]]:
+    """Episodes of ``jobs`` with ``num_envs`` simulators stepped together in this process and
+    one batched policy forward per step; a finished episode's slot takes the next job at once.
+    Each episode's result is what :func:`run_prompted_episode` gives (up to numerics)."""
+    policy = _policy(jobs[0], rows=num_envs)
+    pending = list(jobs)
+    slots: list[tuple[_Episode, EpisodeRunner, float] | None] = [None] * num_envs
+    results = []
+    while pending or any(slots):
+        for i in range(num_envs):
+            if slots[i] is None and pending:
+                job = pending.pop(0)
+                t0 = time.perf_counter()
+                runner, demos = _start_episode(job, slot=i)
+                policy.prompt(i, demos)
+                policy.reset(i, seed=job.seed)
+                slots[i] = (job, runner, t0)
+        actions = policy.act([s[1].obs if s else None for s in slots])
+        for i, slot in enumerate(slots):
+            if slot is None:
+                continue
+            job, runner, t0 = slot
+            runner.step(actions[i])
+            if runner.done:
+                results.append(_episode_result(job, runner, time.perf_counter() - t0))
+                slots[i] = None
+    return results
+
+
+def _run_one(job: _Episode) -> list[dict[str, Any]]:
+    return [run_prompted_episode(job)]
+
+
+def _run_group(unit: tuple[list[_Episode], int]) -> list[dict[str, Any]]:
+    return run_prompted_batch(*unit)
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
@@ -287,23 +344,31 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     episodes: list[dict[str, Any]] = []
     desc = "eval (no prompt)" if cfg.no_prompt else f"eval ({cfg.num_prompts} prompt)"
     bar = tqdm(total=len(jobs), desc=desc, unit="ep", disable=not progress)
+    # one unit of work: an episode, or (num_envs > 1) a group of episodes run together
+    if cfg.num_envs == 1:
+        units, run_unit = jobs, _run_one
+    else:
+        size = 2 * cfg.num_envs
+        units = [(jobs[i:i + size], cfg.num_envs) for i in range(0, len(jobs), size)]
+        run_unit = _run_group
     if cfg.workers == 1:
         threads = torch.get_num_threads()
         _worker_init(cfg.threads_per_worker)
         try:
-            for job in jobs:
-                episodes.append(run_prompted_episode(job))
-                bar.update(1)
+            for unit in units:
+                episodes += run_unit(unit)
+                bar.update(len(unit[0]) if cfg.num_envs > 1 else 1)
         finally:
             close_worker_envs()
             torch.set_num_threads(threads)
     else:
         with worker_pool(cfg.workers, _worker_init, (cfg.threads_per_worker,)) as pool:
-            futures = [pool.submit(run_prompted_episode, j) for j in jobs]
+            futures = [pool.submit(run_unit, u) for u in units]
             for f in as_completed(futures):
-                episodes.append(f.result())
+                new = f.result()
+                episodes += new
                 done = sum(e["success"] for e in episodes)
-                bar.update(1)
+                bar.update(len(new))
                 bar.set_postfix(success=f"{done}/{len(episodes)}")
     bar.close()
     episodes.sort(key=lambda e: (meta["tasks"].index(e["task"]), e["index"]))
@@ -329,6 +394,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "episodes_per_task": cfg.episodes_per_task,
         "seed": cfg.seed,
         "device": meta["device"],
+        "num_envs": cfg.num_envs,
         "tasks": per_task,
         "mean_success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "mean_prompt_following_rate": (

@@ -16,6 +16,11 @@ otherwise; both give the same results up to numerics.
     cache = backbone.new_cache(B, 256, x.device, x.dtype)
     y0 = backbone(x[:, :10], cache)                    # prefill
     y1 = backbone(x[:, 10:11], cache)                  # decode one token (position 10)
+
+Ragged batches (several episodes with prompts of different lengths decoded together): pass
+``valid`` (B, T) to mark padding tokens. A padding token takes no position and no other token
+attends to it, so every row gives what it would alone (up to numerics); see
+:class:`KVCache`.
 """
 
 from __future__ import annotations
@@ -199,18 +204,19 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate consecutive pairs ``(x[2i], x[2i+1])`` by the angles of ``rope`` (Meta's
     complex-number convention; HF checkpoints instead permute wq/wk and rotate halves).
 
-    x (B, T, H, hd); rope (T, hd/2, 2) fp32 (cos, sin). Computed in fp32 like Meta's
+    x (B, T, H, hd); rope (T, hd/2, 2) or per row (B, T, hd/2, 2), fp32 (cos, sin). Computed
+    in fp32 like Meta's
     reference. Eagerly, one complex multiply is ~4x faster on CPU (forward+backward) than the
     real-valued formula; under torch.compile the real formula is used because inductor does
     not generate code for complex ops but fuses the real one.
     """
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
     if torch.compiler.is_compiling():
-        cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # (T, 1, hd/2)
+        cos, sin = rope[..., None, :, 0], rope[..., None, :, 1]  # ([B,] T, 1, hd/2)
         x0, x1 = xf.unbind(-1)  # (B, T, H, hd/2)
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     else:
-        freqs_cis = torch.view_as_complex(rope)[:, None, :]  # (T, 1, hd/2) complex
+        freqs_cis = torch.view_as_complex(rope)[..., None, :]  # ([B,] T, 1, hd/2) complex
         out = torch.view_as_real(torch.view_as_complex(xf) * freqs_cis)  # (B, T, H, hd/2, 2)
     return out.flatten(-2).type_as(x)
 
@@ -225,6 +231,11 @@ class KVCache:
     transpose away from flash-attn's. Only the first ``length`` positions are valid;
     ``truncate`` just moves that mark back, so rolling back a speculative step costs nothing.
     Meant for inference (under ``torch.no_grad``).
+
+    Rows may hold padding (ragged batches): ``valid`` (B, max_len) marks real tokens and
+    ``row_length`` (B,) counts them, i.e. the rotary position each row's next token gets.
+    ``ragged`` stays False until a padding token is written, so the common dense case keeps
+    its mask-free attention.
     """
 
     def __init__(
@@ -240,6 +251,9 @@ class KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.row_length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.ragged = False
         self._length = 0
 
     @property
@@ -258,17 +272,29 @@ class KVCache:
     def reset(self) -> None:
         """Forget every cached token (the buffers are reused, not freed)."""
         self._length = 0
+        self.row_length.zero_()
+        self.ragged = False
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens and drop the rest."""
         if not 0 <= n <= self._length:
             raise ValueError(f"Cannot truncate a cache of {self._length} tokens to {n}.")
         self._length = n
+        self.row_length = self.valid[:, :n].sum(1)
 
-    def advance(self, n: int) -> None:
-        """Mark ``n`` more tokens valid; the backbone calls this after all layers wrote."""
+    def advance(self, n: int, valid: Tensor | None = None) -> None:
+        """Mark ``n`` more tokens written (``valid`` (B, n): which are real, default all); the
+        backbone calls this after all layers wrote."""
         if self._length + n > self.max_len:
             raise ValueError(f"KV cache overflow: {self._length} + {n} > {self.max_len} tokens.")
+        new = self.valid[:, self._length:self._length + n]
+        if valid is None:
+            new.fill_(True)
+            self.row_length += n
+        else:
+            new.copy_(valid)
+            self.row_length += valid.sum(1)
+            self.ragged = self.ragged or not bool(valid.all())
         self._length += n
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -313,7 +339,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None,
+                mask: Tensor | None = None) -> Tensor:
+        """``mask`` (B, 1, T, S) bool, for ragged batches: which keys each query may see."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
@@ -321,7 +349,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         start = 0 if cache is None else cache.length
 
-        if attention_backend(q) == "flash_attn":
+        if mask is None and attention_backend(q) == "flash_attn":
             assert _flash_attn_func is not None
             if cache is not None:
                 k_all, v_all = cache.update(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
@@ -339,7 +367,9 @@ class Attention(nn.Module):
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
             v = v.repeat_interleave(n_rep, dim=1)
-        if start == 0:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         elif T == 1:
             out = F.scaled_dot_product_attention(q, k, v)  # one new token sees everything
@@ -375,8 +405,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, cache)
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -442,17 +473,26 @@ class LlamaBackbone(nn.Module):
             dtype=p.dtype if dtype is None else dtype,
         )
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                valid: Tensor | None = None) -> Tensor:
         """x (B, T, D) -> (B, T, D).
 
         Without a cache the tokens get positions 0..T-1. With one they continue it: positions
         cache.length..cache.length+T-1, attending to the cached tokens and causally to each
         other, and their keys/values are appended.
+
+        ``valid`` (B, T) bool (with a cache) marks padding tokens of a ragged batch: each row's
+        real tokens get consecutive positions after that row's cached ones and attend only to
+        that row's real tokens; a padding token's output is meaningless.
         """
         B, T, _ = x.shape
         start = 0 if cache is None else cache.length
         end = start + T
-        if end > self.config.max_seq_len:
+        if valid is not None and cache is None:
+            raise ValueError("Padding tokens (valid=...) need a KV cache.")
+        if valid is None and cache is not None and cache.ragged:
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if valid is None and end > self.config.max_seq_len:
             raise ValueError(
                 f"Sequence reaches position {end} but max_seq_len is {self.config.max_seq_len}."
             )
@@ -462,14 +502,28 @@ class LlamaBackbone(nn.Module):
                 raise ValueError(f"Batch size {B} does not match the cache's {cache.batch_size}.")
             if end > cache.max_len:
                 raise ValueError(f"KV cache overflow: {end} tokens > max_len {cache.max_len}.")
-        rope = self._rope(x.device)[start:end]  # (T, hd/2, 2)
+        mask = None
+        if valid is None:
+            rope = self._rope(x.device)[start:end]  # (T, hd/2, 2)
+        else:
+            pos = cache.row_length[:, None] + valid.long().cumsum(1) - 1  # (B, T)
+            if int(pos.max()) >= self.config.max_seq_len:
+                raise ValueError(f"A row reaches position {int(pos.max()) + 1} but max_seq_len "
+                                 f"is {self.config.max_seq_len}.")
+            rope = self._rope(x.device)[pos.clamp(min=0)]  # (B, T, hd/2, 2)
+            keys = torch.cat([cache.valid[:, :start], valid], 1)  # (B, S)
+            idx = torch.arange(end, device=x.device)
+            causal = idx[None, :] <= idx[start:, None]  # (T, S)
+            # a padding query sees only itself, so no row of the softmax is empty
+            mask = (causal & keys[:, None, :]) | (idx[None, :] == idx[start:, None])
+            mask = mask[:, None]  # (B, 1, T, S)
         h = x
         use_ckpt = self.gradient_checkpointing and self.training and cache is None
         for layer in self.layers:
             if use_ckpt and torch.is_grad_enabled():
                 h = checkpoint(layer, h, rope, use_reentrant=False)
             else:
-                h = layer(h, rope, cache)
+                h = layer(h, rope, cache, mask)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(T, valid)
         return self.norm(h)

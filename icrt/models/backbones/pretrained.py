@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -139,3 +139,24 @@ __all__ = [
     "load_pretrained_llama",
     "lora_target_pattern",
 ]
+
+
+def hf_llama_config(cfg: LlamaConfig, **overrides: Any) -> Any:
+    """The ``transformers.LlamaConfig`` of the same shape as ``cfg`` (SDPA attention), e.g. to
+    compare against or export to ``transformers.LlamaModel``; its token embedding is unused,
+    the backbone is fed hidden states directly. Needs ``transformers`` (the bench extra)."""
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    kwargs = dict(
+        vocab_size=8,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        max_position_embeddings=cfg.max_seq_len,
+        attn_implementation="sdpa",
+    )
+    return HFLlamaConfig(**{**kwargs, **overrides})

@@ -1,4 +1,4 @@
-"""Micro-benchmarks of icrt's building blocks against reference implementations.
+"""Speed benchmarks of icrt's building blocks against baselines measured in the same run.
 
 Each function returns a list of result rows (plain dicts) so scripts can print them as a
 table or dump them as JSON.
@@ -8,30 +8,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
 
 import numpy as np
 import torch
-
-
-def hf_llama_config(cfg: Any, **overrides: Any) -> Any:
-    """The ``transformers.LlamaConfig`` of the same shape as our backbone's ``LlamaConfig``
-    (SDPA attention; its token embedding is unused, hidden states are fed directly)."""
-    from transformers import LlamaConfig as HFLlamaConfig
-
-    kwargs = dict(
-        vocab_size=8,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        max_position_embeddings=cfg.max_seq_len,
-        attn_implementation="sdpa",
-    )
-    return HFLlamaConfig(**{**kwargs, **overrides})
 
 
 def benchmark_backbone_train(
@@ -54,6 +33,7 @@ def benchmark_backbone_train(
     from transformers import LlamaModel
 
     from icrt.models.backbones.llama import LlamaBackbone, LlamaConfig
+    from icrt.models.backbones.pretrained import hf_llama_config
 
     if steps < 1 or warmup < 0 or batch_size < 1 or seq_len < 1:
         raise ValueError("steps, batch_size and seq_len must be >= 1 and warmup >= 0.")
@@ -309,22 +289,25 @@ def benchmark_data(
 
 
 def benchmark_sim(checkpoint: str, prompt_dataset: str, tasks: tuple[str, ...] | None = None,
-                  episodes_per_task: int = 20, workers: tuple[int, ...] = (1, 2),
+                  episodes_per_task: int = 20,
+                  settings: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 4)),
                   max_steps: int | None = 150) -> list[dict]:
-    """Evaluation episodes/min with N worker processes vs 1 (same episodes, same seeds)."""
+    """Evaluation episodes/min for (worker processes, simulators per worker) settings against
+    one worker with one simulator (same episodes, same seeds)."""
     from icrt.config import EvalConfig
     from icrt.eval.rollout import evaluate
 
     rows = []
-    for n in workers:
+    for workers, num_envs in settings:
         cfg = EvalConfig(checkpoint=checkpoint, prompt_dataset=prompt_dataset, tasks=tasks,
-                         episodes_per_task=episodes_per_task, workers=n, max_steps=max_steps)
+                         episodes_per_task=episodes_per_task, workers=workers,
+                         num_envs=num_envs, max_steps=max_steps)
         t0 = time.perf_counter()
         results = evaluate(cfg, progress=False)
         sec = time.perf_counter() - t0  # includes starting the workers
         episodes = sum(t["episodes"] for t in results["tasks"].values())
-        rows.append({"workers": n, "episodes": episodes, "seconds": sec,
-                     "episodes_per_min": 60.0 * episodes / sec,
+        rows.append({"workers": workers, "num_envs": num_envs, "episodes": episodes,
+                     "seconds": sec, "episodes_per_min": 60.0 * episodes / sec,
                      "mean_success": results["mean_success_rate"]})
     for r in rows:
         r["speedup"] = r["episodes_per_min"] / rows[0]["episodes_per_min"]
