@@ -89,6 +89,8 @@ icg: $(STAMP)
 	    --out $(ICG_RUN)/heldout_1prompt.json --baseline $(ICG_RUN)/heldout_noprompt.json
 	$(PY) scripts/eval.py $(ICG_EVAL) --prompt-dataset data/icg_heldout.json --num-prompts 1 \
 	    --prompt-tasks $(ICG_MISMATCH) --out $(ICG_RUN)/heldout_mismatched.json
+	for k in 2 3; do $(PY) scripts/eval.py $(ICG_EVAL) --prompt-dataset data/icg_heldout.json \
+	    --num-prompts $$k --out $(ICG_RUN)/heldout_$${k}prompt.json || exit 1; done
 	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 5 \
 	    --workers 2 --prompt-dataset data/icg_prompts.json --num-prompts 1 \
 	    --out $(ICG_RUN)/train_pairs_1prompt.json

@@ -133,7 +133,7 @@ def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, actio
         return {"state": rng.normal(size=(steps, proprio_dim)).astype("float32"),
                 "action": rng.uniform(-1, 1, size=(steps, action_dim)).astype("float32")}
 
-    return make, demo, model
+    return make, demo, model, ckpt
 
 
 def benchmark_inference(
@@ -152,8 +152,8 @@ def benchmark_inference(
     ``act`` appends the previous action's token and the new state token and decodes a chunk.
     """
     prompt_steps = prompt_tokens // 2
-    make, demo, model = _random_policy(config_path, prompt_steps + steps + 8, proprio_dim,
-                                       action_dim, num_pred_steps)
+    make, demo, model, _ = _random_policy(config_path, prompt_steps + steps + 8, proprio_dim,
+                                          action_dim, num_pred_steps)
     prompt = demo(prompt_steps)
     obs = demo(steps)["state"]
     out = {"config": config_path, "prompt_tokens": prompt_tokens,
@@ -177,6 +177,55 @@ def benchmark_inference(
     out["cached_hz"] = 1000.0 / out["cached_ms"]
     out["cached_bf16_hz"] = 1000.0 / out["cached_bf16_ms"]
     return out
+
+
+def benchmark_batched_inference(
+    config_path: str,
+    rows: int,
+    prompt_tokens: int = 512,
+    steps: int = 20,
+    proprio_dim: int = 39,
+    action_dim: int = 4,
+    num_pred_steps: int = 4,
+    device: str = "cpu",
+) -> dict:
+    """Steps/s of ``rows`` episodes acting through one ``BatchedInContextPolicy`` vs ``rows``
+    separate ``InContextPolicy`` objects stepped one after another (same process, fp32,
+    prompts of different lengths around ``prompt_tokens``)."""
+    from icrt.eval.inference import BatchedInContextPolicy
+
+    prompt_steps = prompt_tokens // 2
+    make, demo, model, ckpt = _random_policy(config_path, prompt_steps + steps + 16, proprio_dim,
+                                             action_dim, num_pred_steps)
+    model.to(device)
+    prompts = [demo(prompt_steps - 8 * i % 64) for i in range(rows)]
+    obs = demo(steps + 2)["state"]
+    singles = [make(True) for _ in range(rows)]
+    batch = BatchedInContextPolicy(model, ckpt, rows, device, deterministic=True)
+    for i in range(rows):
+        singles[i].prompt([prompts[i]])
+        batch.prompt(i, [prompts[i]])
+    batch.act([{"state": obs[0]}] * rows)  # warm-up (and the prefill)
+    for p in singles:
+        p.act({"state": obs[0]})
+
+    def timed(fn) -> float:
+        times = []
+        for t in range(1, steps + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(t)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    one_by_one = timed(lambda t: [p.act({"state": obs[t]}) for p in singles])
+    batched = timed(lambda t: batch.act([{"state": obs[t]}] * rows))
+    return {"config": config_path, "rows": rows, "device": device,
+            "one_by_one_ms": 1000.0 * one_by_one, "batched_ms": 1000.0 * batched,
+            "episode_steps_per_s": rows / batched, "speedup": one_by_one / batched}
 
 
 # ------------------------------------------------------------------------------- data loading

@@ -67,6 +67,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 def main(cfg: BenchmarkConfig) -> None:
     speed = _benchmarks()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
@@ -97,6 +98,12 @@ def main(cfg: BenchmarkConfig) -> None:
         print("## InContextPolicy.act latency: KV cache vs full recompute\n")
         print(table(rows, ["config", "prompt_tokens", "cached_ms", "cached_hz", "recompute_ms",
                            "speedup", "cached_bf16_ms", "cached_bf16_hz"]) + "\n")
+        rows = [speed.benchmark_batched_inference(path, n, device=device)
+                for path in cfg.configs for n in (4, 16)]
+        out["batched_inference"] = rows
+        print("## Several episodes per process: one batched forward vs one policy per episode\n")
+        print(table(rows, ["config", "device", "rows", "one_by_one_ms", "batched_ms",
+                           "episode_steps_per_s", "speedup"]) + "\n")
     if "data" in todo:
         with tempfile.TemporaryDirectory() as tmp:
             rows = speed.benchmark_data(tmp)
