@@ -126,6 +126,17 @@ def test_family_success_only_for_the_chosen_bin(family_env) -> None:
     assert not family_env.check_success()
 
 
+def test_family_lists_every_task_done(family_env) -> None:
+    """What an evaluation records: which (object, bin) pairs are done, right or wrong."""
+    family_env.reset(seed=0)
+    assert family_env.tasks_done() == []
+    for obj, k, z in (("Milk", 3, 0.82 + family_env.sim_state()["Milk_half"][2] + 0.005),
+                      ("Bread", 2, 0.87)):
+        c = family_env.bin_center(k)
+        family_env.set_object_pose(obj, [c[0], c[1], z])
+    assert family_env.tasks_done() == ["PickPlaceMilkToBin3", "PickPlaceBreadToBin2"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_lift_expert_succeeds(seed: int) -> None:
@@ -237,3 +248,6 @@ def test_mismatched_prompts_report_prompt_following(tmp_path) -> None:
     assert ep["prompt_task"] == "PickPlaceBreadToBin2" and ep["prompt_task_done"] is False
     assert "prompted task done" in format_table(results)
     assert results["mean_prompt_following_rate"] == 0.0
+    # every episode records the family tasks done (none in 3 random steps)
+    assert ep["tasks_done"] == [] and milk["nothing_done_rate"] == 1.0
+    assert milk["other_task_rate"] == 0.0 and "nothing done" in format_table(results)

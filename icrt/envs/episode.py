@@ -81,8 +81,8 @@ class EpisodeRunner:
         self._rewards.append(reward)
         if self.render:
             ep.frames.append(env.render())
-        if self.watch is not None and not ep.watched:
-            ep.watched = bool(self.watch())
+        if self.watch is not None:
+            ep.watched = bool(self.watch()) or ep.watched
         if info["success"] and ep.success_step is None:
             ep.success, ep.success_step = True, ep.length
         self.done = (done or ep.length >= env.max_steps
@@ -106,7 +106,8 @@ def run_episode(
     """Run ``act`` from the reset observation ``obs`` (options: see :class:`EpisodeRunner`).
     ``record`` keeps every observation, action and reward (as a store episode: observations
     before each action); ``render`` keeps a frame before the first step and after every step;
-    ``watch`` is asked after every step (e.g. whether another task than the env's was done)."""
+    ``watch`` is asked after every step (e.g. whether another task than the env's was done;
+    ``Episode.watched``: it said yes at some step)."""
     runner = EpisodeRunner(env, obs, **options)
     while not runner.done:
         runner.step(act(runner.obs))

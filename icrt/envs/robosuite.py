@@ -225,6 +225,16 @@ class RobosuiteEnv:
                             f"'{self.task}' cannot judge '{task}'.")
         return self.object_in_bin(family[0], family[1], require_release=True)
 
+    def tasks_done(self) -> list[str]:
+        """The tasks done now. For the pick-and-place family every (object, bin) pair is
+        checked (placed and released), which tells an evaluation whether a policy placed the
+        wrong object, used the wrong bin, or placed nothing; other tasks judge only themselves."""
+        if self._family is None:
+            return [self.task] if self.check_success() else []
+        return [f"PickPlace{obj}ToBin{k}" for obj in FAMILY_OBJECTS
+                for k in range(1, NUM_BINS + 1)
+                if self.object_in_bin(obj, k, require_release=True)]
+
     def object_in_bin(self, obj: str, k: int, *, require_release: bool = True) -> bool:
         """Whether family object ``obj`` lies in target bin ``k`` (1..4), as robosuite checks it.
 

@@ -88,9 +88,11 @@ def _policy(job: _Episode, rows: int = 0) -> Any:
     return _WORKER["policy"]
 
 
-def _start_episode(job: _Episode, slot: int = 0) -> tuple[EpisodeRunner, list[dict]]:
-    """The simulator of ``job`` reset to its seed (one cached simulator per slot and task) and
-    its prompt demonstrations."""
+def _start_episode(job: _Episode, slot: int = 0) -> tuple[EpisodeRunner, list[dict],
+                                                          set[str] | None]:
+    """The simulator of ``job`` reset to its seed (one cached simulator per slot and task), its
+    prompt demonstrations, and the set the runner fills with every task done at some step
+    (None where the simulator cannot tell)."""
     envs = _WORKER.setdefault("envs", {})
     env_key = (slot, job.env, job.task, job.env_kwargs)
     if env_key not in envs:
@@ -102,14 +104,21 @@ def _start_episode(job: _Episode, slot: int = 0) -> tuple[EpisodeRunner, list[di
         if path not in stores:
             stores[path] = EpisodeStore.open(path)
         demos.append(stores[path].episode(index))
-    watch = None
-    if job.prompt_task is not None:  # prompt following: was the prompted task done?
-        watch = lambda: env.task_success(job.prompt_task)  # noqa: E731
     obs = env.reset(job.seed)
-    return EpisodeRunner(env, obs, render=bool(job.video), watch=watch), demos
+    done: set[str] | None = None
+    watch = None
+    if hasattr(env, "tasks_done"):  # which tasks got done: the evaluated, the prompted, others
+        done = set()
+
+        def watch() -> bool:
+            done.update(env.tasks_done())
+            return job.prompt_task in done
+
+    return EpisodeRunner(env, obs, render=bool(job.video), watch=watch), demos, done
 
 
-def _episode_result(job: _Episode, runner: EpisodeRunner, seconds: float) -> dict[str, Any]:
+def _episode_result(job: _Episode, runner: EpisodeRunner, done: set[str] | None,
+                    seconds: float) -> dict[str, Any]:
     ep = runner.finish()
     if job.video:
         _write_video(Path(job.video), ep.frames, fps=min(30.0, getattr(runner.env, "fps", 30.0)))
@@ -124,6 +133,7 @@ def _episode_result(job: _Episode, runner: EpisodeRunner, seconds: float) -> dic
         "prompts": [list(p) for p in job.prompts],
         "prompt_task": job.prompt_task,
         "prompt_task_done": ep.watched if job.prompt_task is not None else None,
+        "tasks_done": None if done is None else sorted(done),
         "video": job.video,
     }
 
@@ -132,12 +142,12 @@ def run_prompted_episode(job: _Episode) -> dict[str, Any]:
     """One prompted episode in this process (workers call it; so can tests)."""
     policy = _policy(job)
     t0 = time.perf_counter()
-    runner, demos = _start_episode(job)
+    runner, demos, done = _start_episode(job)
     policy.prompt(demos)
     policy.reset(seed=job.seed)
     while not runner.done:
         runner.step(policy.act(runner.obs))
-    return _episode_result(job, runner, time.perf_counter() - t0)
+    return _episode_result(job, runner, done, time.perf_counter() - t0)
 
 
 def run_prompted_batch(jobs: list[_Episode], num_envs: int) -> list[dict[str, Any]]:
@@ -146,25 +156,26 @@ def run_prompted_batch(jobs: list[_Episode], num_envs: int) -> list[dict[str, An
     Each episode's result is what :func:`run_prompted_episode` gives (up to numerics)."""
     policy = _policy(jobs[0], rows=num_envs)
     pending = list(jobs)
-    slots: list[tuple[_Episode, EpisodeRunner, float] | None] = [None] * num_envs
+    slots: list[tuple[_Episode, EpisodeRunner, set[str] | None, float] | None] = \
+        [None] * num_envs
     results = []
     while pending or any(slots):
         for i in range(num_envs):
             if slots[i] is None and pending:
                 job = pending.pop(0)
                 t0 = time.perf_counter()
-                runner, demos = _start_episode(job, slot=i)
+                runner, demos, done = _start_episode(job, slot=i)
                 policy.prompt(i, demos)
                 policy.reset(i, seed=job.seed)
-                slots[i] = (job, runner, t0)
+                slots[i] = (job, runner, done, t0)
         actions = policy.act([s[1].obs if s else None for s in slots])
         for i, slot in enumerate(slots):
             if slot is None:
                 continue
-            job, runner, t0 = slot
+            job, runner, done, t0 = slot
             runner.step(actions[i])
             if runner.done:
-                results.append(_episode_result(job, runner, time.perf_counter() - t0))
+                results.append(_episode_result(job, runner, done, time.perf_counter() - t0))
                 slots[i] = None
     return results
 
@@ -381,6 +392,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             "mean_return": float(np.mean([e["return"] for e in eps])),
             "mean_length": float(np.mean([e["length"] for e in eps])),
         }
+        if eps and eps[0]["tasks_done"] is not None:
+            # a task other than the evaluated one done (wrong object or bin), or none at all
+            per_task[task]["other_task_rate"] = float(
+                np.mean([bool(set(e["tasks_done"]) - {task}) for e in eps]))
+            per_task[task]["nothing_done_rate"] = float(
+                np.mean([not e["tasks_done"] for e in eps]))
         if eps and eps[0]["prompt_task"] is not None:
             per_task[task]["prompt_task"] = eps[0]["prompt_task"]
             per_task[task]["prompt_following_rate"] = float(
@@ -432,8 +449,12 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
     prompted task and how often it was done instead."""
     label = "no prompt" if results.get("no_prompt") else f"{results['num_prompts']} prompt(s)"
     mismatched = results.get("mean_prompt_following_rate") is not None
+    outcomes = all("other_task_rate" in r for r in results["tasks"].values())
     head = "| task | success | mean length | mean return |"
     rule = "| --- | ---: | ---: | ---: |"
+    if outcomes:
+        head += " other task done | nothing done |"
+        rule += " ---: | ---: |"
     if mismatched:
         head += " prompted task | prompted task done |"
         rule += " --- | ---: |"
@@ -442,10 +463,14 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
     for task, r in results["tasks"].items():
         row = (f"| {task} | {100 * r['success_rate']:.0f}% | {r['mean_length']:.0f} | "
                f"{r['mean_return']:.1f} |")
+        if outcomes:
+            row += f" {100 * r['other_task_rate']:.0f}% | {100 * r['nothing_done_rate']:.0f}% |"
         if mismatched:
             row += f" {r['prompt_task']} | {100 * r['prompt_following_rate']:.0f}% |"
         lines.append(row)
     mean = f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | | |"
+    if outcomes:
+        mean += " | |"
     if mismatched:
         mean += f" | **{100 * results['mean_prompt_following_rate']:.1f}%** |"
     lines.append(mean)
