@@ -80,9 +80,9 @@ icg: $(STAMP)
 	$(PY) scripts/train.py --dataset-cfg.dataset-json data/icg.json \
 	    --model-cfg.policy-cfg.scratch-llama-config config/model_config/mini.json \
 	    --shared-cfg.seq-length 384 --shared-cfg.num-pred-steps 4 --shared-cfg.batch-size 8 \
-	    --trainer-cfg.accum-iter 1 --trainer-cfg.epochs 12 --trainer-cfg.num-workers 0 \
+	    --trainer-cfg.accum-iter 1 --trainer-cfg.epochs 40 --trainer-cfg.num-workers 0 \
 	    --optimizer-cfg.lr 1e-3 --optimizer-cfg.warmup-epochs 1 \
-	    --dataset-cfg.non-overlapping 64 --shared-cfg.save-every 4 \
+	    --dataset-cfg.non-overlapping 64 --shared-cfg.save-every 10 \
 	    --logging-cfg.output-dir runs --logging-cfg.log-name icg --logging-cfg.no-wandb
 	$(PY) scripts/eval.py $(ICG_EVAL) --no-prompt --out $(ICG_RUN)/heldout_noprompt.json
 	$(PY) scripts/eval.py $(ICG_EVAL) --prompt-dataset data/icg_heldout.json --num-prompts 1 \
@@ -94,3 +94,5 @@ icg: $(STAMP)
 	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 5 \
 	    --workers 2 --prompt-dataset data/icg_prompts.json --num-prompts 1 \
 	    --out $(ICG_RUN)/train_pairs_1prompt.json
+	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 5 \
+	    --workers 2 --no-prompt --out $(ICG_RUN)/train_pairs_noprompt.json
