@@ -233,8 +233,9 @@ class KVCache:
     Meant for inference (under ``torch.no_grad``).
 
     Rows may hold padding (ragged batches): ``valid`` (B, max_len) marks real tokens and
-    ``row_length`` (B,) counts them, i.e. the rotary position each row's next token gets.
-    ``ragged`` stays False until a padding token is written, so the common dense case keeps
+    ``row_length`` (B,) counts them, i.e. the rotary position each row's next token gets. Both
+    are kept only once a forward passes ``valid`` (``tracked``), so dense decoding pays nothing
+    for them; ``ragged`` stays False until a padding token is written, so the dense case keeps
     its mask-free attention.
     """
 
@@ -254,6 +255,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.row_length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.ragged = False
+        self.tracked = False
         self._length = 0
 
     @property
@@ -274,13 +276,22 @@ class KVCache:
         self._length = 0
         self.row_length.zero_()
         self.ragged = False
+        self.tracked = False
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens and drop the rest."""
         if not 0 <= n <= self._length:
             raise ValueError(f"Cannot truncate a cache of {self._length} tokens to {n}.")
         self._length = n
-        self.row_length = self.valid[:, :n].sum(1)
+        if self.tracked:
+            self.row_length = self.valid[:, :n].sum(1)
+
+    def track_rows(self) -> None:
+        """Start keeping per-row validity (every token so far was real)."""
+        if not self.tracked:
+            self.valid[:, :self._length] = True
+            self.row_length.fill_(self._length)
+            self.tracked = True
 
     def advance(self, n: int, valid: Tensor | None = None) -> None:
         """Mark ``n`` more tokens written (``valid`` (B, n): which are real, default all); the
@@ -289,9 +300,11 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {self._length} + {n} > {self.max_len} tokens.")
         new = self.valid[:, self._length:self._length + n]
         if valid is None:
-            new.fill_(True)
-            self.row_length += n
+            if self.tracked:
+                new.fill_(True)
+                self.row_length += n
         else:
+            self.track_rows()
             new.copy_(valid)
             self.row_length += valid.sum(1)
             self.ragged = self.ragged or not bool(valid.all())
@@ -506,6 +519,7 @@ class LlamaBackbone(nn.Module):
         if valid is None:
             rope = self._rope(x.device)[start:end]  # (T, hd/2, 2)
         else:
+            cache.track_rows()
             pos = cache.row_length[:, None] + valid.long().cumsum(1) - 1  # (B, T)
             if int(pos.max()) >= self.config.max_seq_len:
                 raise ValueError(f"A row reaches position {int(pos.max()) + 1} but max_seq_len "
