@@ -13,7 +13,7 @@ from icrt.config import CollectConfig, EvalConfig, parse_config
 from icrt.data.collect import collect
 from icrt.data.store import EpisodeStore
 from icrt.errors import UserError
-from icrt.eval.rollout import evaluate, format_table
+from icrt.eval.rollout import evaluate, format_comparison, format_table
 from icrt.train.loop import run_metrics, train
 
 pytestmark = pytest.mark.sim
@@ -47,7 +47,9 @@ def test_eval_writes_valid_results_json(trained, tmp_path):
     assert saved["checkpoint"].endswith("checkpoint-0")
     assert set(saved["tasks"]) == set(TASKS)
     for r in saved["tasks"].values():
-        assert set(r) == {"success_rate", "episodes", "mean_return", "mean_length"}
+        assert set(r) == {"success_rate", "episodes", "mean_return", "mean_length",
+                          "trained_on"}
+        assert r["trained_on"] is True
         assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
         assert 1 <= r["mean_length"] <= 15
     assert 0.0 <= saved["mean_success_rate"] <= 1.0 and saved["wall_seconds"] > 0
@@ -58,6 +60,21 @@ def test_eval_writes_valid_results_json(trained, tmp_path):
         assert store.endswith("mw_prompts.zarr")
         assert prompts.episode_task_names[index] == ep["task"]  # a prompt of the same task
     assert "| reach-v3 |" in format_table(results)
+
+
+def test_a_task_outside_training_is_marked_held_out(trained):
+    root, run = trained
+    base = evaluate(_cfg(root, run, tasks=("push-v3", "reach-v3"), no_prompt=True,
+                         episodes_per_task=1), progress=False)
+    assert base["tasks"]["push-v3"]["trained_on"] is False
+    assert base["tasks"]["reach-v3"]["trained_on"] is True
+    assert "| push-v3 (held out) |" in format_table(base)
+    assert "| reach-v3 |" in format_table(base)
+    other = json.loads(json.dumps(base))
+    other["tasks"]["push-v3"]["success_rate"] = base["tasks"]["push-v3"]["success_rate"] + 0.5
+    other["mean_success_rate"] = base["mean_success_rate"] + 0.25
+    table = format_comparison(other, base)
+    assert "| push-v3 (held out) |" in table and "| +50 |" in table and "**+25.0**" in table
 
 
 def test_prompts_never_come_from_the_training_split(trained):

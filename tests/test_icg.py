@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from icrt.envs.robosuite_tasks import BASE_TASKS, parse_family_task, robosuite_tasks
 
 MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
@@ -41,3 +43,23 @@ def test_icg_training_store_is_collected_from_the_training_pairs_only():
     train_line = next(line for line in text.splitlines() if "scripts/train.py" in line
                       and "icg.json" in line)
     assert "icg_heldout" not in train_line
+
+
+def test_mwh_split_keeps_heldout_and_published_test_tasks_out_of_training():
+    env_dict = pytest.importorskip("metaworld.env_dict")
+    held, train = _make_list("MWH_HELDOUT"), _make_list("MWH_TRAIN")
+    published_test = {f"{n}" for n in env_dict.ML10_V3["test"]} | set(env_dict.ML45_V3["test"])
+    assert len(held) == 5 and len(train) == 35 and len(set(train)) == 35
+    assert set(held) | set(train) <= set(env_dict.ALL_V3_ENVIRONMENTS)
+    assert not set(held) & set(train)
+    assert not (set(held) | set(train)) & published_test  # the independent check stays unseen
+    text = MAKEFILE.read_text().replace("\\\n", " ")
+    lines = text.splitlines()
+    train_collect = next(line for line in lines if "--out data/mwh.zarr" in line)
+    held_collect = next(line for line in lines if "--out data/mwh_heldout.zarr" in line)
+    assert "$(MWH_TRAIN)" in train_collect and "$(MWH_HELDOUT)" not in train_collect
+    assert "$(MWH_HELDOUT)" in held_collect and "--train-split 1.0" in held_collect
+    train_line = next(line for line in lines if "scripts/train.py" in line and "mwh.json" in line)
+    assert "mwh_heldout" not in train_line
+    heldout_prompted = next(line for line in lines if "$(MWH_RUN)/heldout_1prompt.json" in line)
+    assert "--prompt-dataset data/mwh_heldout.json" in heldout_prompted

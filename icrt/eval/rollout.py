@@ -288,7 +288,8 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
                                  episode_seed(cfg.seed, "eval", task, i), chosen,
                                  tuple(sorted(env_kwargs.items())), policy_kwargs, video,
                                  source if source != task else None))
-    meta = {"checkpoint": str(ckpt.path), "env": env_name, "tasks": tasks, "device": device}
+    meta = {"checkpoint": str(ckpt.path), "env": env_name, "tasks": tasks, "device": device,
+            "trained_tasks": list(spec.tasks)}
     return jobs, meta
 
 
@@ -391,6 +392,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             "episodes": len(eps),
             "mean_return": float(np.mean([e["return"] for e in eps])),
             "mean_length": float(np.mean([e["length"] for e in eps])),
+            # whether the checkpoint was trained on this task (False: a held-out task)
+            "trained_on": task in meta["trained_tasks"],
         }
         if eps and eps[0]["tasks_done"] is not None:
             # a task other than the evaluated one done (wrong object or bin), or none at all
@@ -444,6 +447,12 @@ def read_results(path: str | Path) -> dict[str, Any]:
     return body
 
 
+def _task_label(task: str, r: dict[str, Any]) -> str:
+    """The task's name, marked when the checkpoint never trained on it (results from before
+    the flag was recorded are not marked)."""
+    return f"{task} (held out)" if r.get("trained_on") is False else task
+
+
 def format_table(results: dict[str, Any], title: str | None = None) -> str:
     """Markdown table of per-task success (and the mean); with mismatched prompts also the
     prompted task and how often it was done instead."""
@@ -461,7 +470,8 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
     lines = [f"**{title or results['env']}** ({label}, {results['episodes_per_task']} episodes "
              f"per task)", "", head, rule]
     for task, r in results["tasks"].items():
-        row = (f"| {task} | {100 * r['success_rate']:.0f}% | {r['mean_length']:.0f} | "
+        row = (f"| {_task_label(task, r)} | {100 * r['success_rate']:.0f}% | "
+               f"{r['mean_length']:.0f} | "
                f"{r['mean_return']:.1f} |")
         if outcomes:
             row += f" {100 * r['other_task_rate']:.0f}% | {100 * r['nothing_done_rate']:.0f}% |"
@@ -484,11 +494,14 @@ def format_comparison(results: dict[str, Any], baseline: dict[str, Any]) -> str:
         return "no prompt" if r.get("no_prompt") else f"{r['num_prompts']} prompt(s)"
 
     a, b = label(results), label(baseline)
-    lines = [f"| task | {a} | {b} |", "| --- | ---: | ---: |"]
+    lines = [f"| task | {a} | {b} | difference (points) |", "| --- | ---: | ---: | ---: |"]
     for task, r in results["tasks"].items():
         other = baseline["tasks"].get(task)
         right = f"{100 * other['success_rate']:.0f}%" if other else "-"
-        lines.append(f"| {task} | {100 * r['success_rate']:.0f}% | {right} |")
-    lines.append(f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | "
-                 f"**{100 * baseline['mean_success_rate']:.1f}%** |")
+        diff = f"{100 * (r['success_rate'] - other['success_rate']):+.0f}" if other else "-"
+        lines.append(f"| {_task_label(task, r)} | {100 * r['success_rate']:.0f}% | {right} | "
+                     f"{diff} |")
+    mean_a, mean_b = results["mean_success_rate"], baseline["mean_success_rate"]
+    lines.append(f"| **mean** | **{100 * mean_a:.1f}%** | **{100 * mean_b:.1f}%** | "
+                 f"**{100 * (mean_a - mean_b):+.1f}** |")
     return "\n".join(lines)
