@@ -108,6 +108,9 @@ class VisionEncoderConfig:
     vision_lora_rank: int = 8
     # Train the last N transformer blocks of the encoder.
     vision_unfreeze_last_n: int = 0
+    # Replace the encoder's BatchNorm layers by GroupNorm (16 channels per group), as
+    # diffusion_policy does for a CNN trained end to end with small batches of sequences.
+    vision_group_norm: bool = False
     # Resize camera images to this side length before the encoder (default: the encoder's).
     vision_image_size: int | None = None
     # timm architecture of a local checkpoint file given as the vision encoder.

@@ -128,6 +128,28 @@ def test_trainable_parameter_counts():
     assert res.trainable_parameters() == n_params(res.model.layer4)
 
 
+def test_group_norm_resnet_trains_end_to_end_without_batch_statistics(tmp_path):
+    enc = VisionEncoder(resnet_cfg(vision_unfreeze_all=True, vision_group_norm=True))
+    norms = [m for m in enc.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 20 and not any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in enc.modules())
+    assert all(m.num_channels // m.num_groups == 16 for m in norms)
+    x = images(4)
+    enc.train()
+    out = enc(x)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in enc.parameters())  # every weight trains
+    with torch.no_grad():
+        enc.eval()
+        assert torch.allclose(enc(x), out.detach(), atol=1e-5)  # no running statistics
+    # a GroupNorm checkpoint file loads back into a GroupNorm encoder, weight for weight
+    torch.save(enc.model.state_dict(), tmp_path / "gn.pth")
+    again = VisionEncoder(VisionEncoderConfig(vision_encoder=str(tmp_path / "gn.pth"),
+                                              vision_arch="resnet18", vision_image_size=64,
+                                              vision_group_norm=True))
+    assert again.weights_fingerprint() == enc.weights_fingerprint()
+
+
 @pytest.mark.parametrize(
     ("cfg", "match"),
     [
@@ -136,6 +158,7 @@ def test_trainable_parameter_counts():
         (vit_cfg(vision_unfreeze_all=True, vision_lora=True), "already trains"),
         (VisionEncoderConfig(vision_encoder="no_such_model_xyz", vision_nonpretrained=True),
          "Unknown timm model"),
+        (vit_cfg(vision_group_norm=True), "no BatchNorm layers"),
     ],
 )
 def test_bad_encoder_configs(cfg, match):

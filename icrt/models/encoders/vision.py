@@ -207,6 +207,37 @@ def _block_list(model: nn.Module) -> list[nn.Module]:
     )
 
 
+def batchnorm_to_groupnorm(model: nn.Module, channels_per_group: int = 16) -> int:
+    """Replace every ``nn.BatchNorm2d`` of ``model`` by a GroupNorm with the same affine
+    weights (diffusion_policy's ``replace_bn_with_gn``); returns how many were replaced.
+
+    BatchNorm statistics of a batch of sequences are dominated by a few episodes and differ
+    between training and acting; GroupNorm has no running statistics. BatchNorm variants that
+    fuse an activation (timm's ``BatchNormAct2d``) are refused rather than silently dropped.
+    """
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                c = child.num_features
+                gn = nn.GroupNorm(max(1, c // channels_per_group), c, eps=child.eps,
+                                  affine=child.affine)
+                if child.affine:
+                    with torch.no_grad():
+                        gn.weight.copy_(child.weight)
+                        gn.bias.copy_(child.bias)
+                setattr(module, child_name, gn)
+                replaced += 1
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+                where = f"{name}.{child_name}" if name else child_name
+                raise UserError(
+                    f"{_FLAG}vision-group-norm cannot replace '{where}' "
+                    f"({type(child).__name__}); use a model with plain BatchNorm2d layers "
+                    f"such as resnet18."
+                )
+    return replaced
+
+
 # --------------------------------------------------------------------------- vision encoder
 
 
@@ -239,6 +270,7 @@ class VisionEncoder(nn.Module):
                     f"Vision checkpoint '{file}' ({_FLAG}vision-encoder) does not exist."
                 )
             self.model = _create_timm(self.arch, False, cfg.vision_image_size)
+            self._group_norm(cfg)  # before loading, so a GroupNorm checkpoint loads fully
             load_checkpoint_into(self.model, file)
         else:
             if path:
@@ -249,6 +281,7 @@ class VisionEncoder(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 self.model = _create_timm(self.arch, self.pretrained, cfg.vision_image_size)
+            self._group_norm(cfg)
 
         data_cfg = resolve_data_config({}, model=self.model)
         native = int(data_cfg["input_size"][-1])
@@ -265,6 +298,13 @@ class VisionEncoder(nn.Module):
             probe = self._tokens(torch.zeros(1, 3, self.image_size, self.image_size))
         self.num_tokens, self.out_dim = int(probe.shape[1]), int(probe.shape[2])
         self.train()
+
+    def _group_norm(self, cfg: VisionEncoderConfig) -> None:
+        if cfg.vision_group_norm and not batchnorm_to_groupnorm(self.model):
+            raise UserError(
+                f"{_FLAG}vision-group-norm: timm model '{self.arch}' has no BatchNorm layers "
+                f"to replace."
+            )
 
     # ----------------------------------------------------------------- trainability
 
