@@ -619,3 +619,45 @@ class CollectConfig:
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume exclude each other: replace the stores "
                              "or continue them.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """Convert another tool's dataset into an icrt episode store plus its dataset JSON."""
+
+    # Input format: robomimic (an HDF5 file with data/demo_N groups).
+    format: Literal["robomimic"] = "robomimic"
+    # The dataset to convert (a file or directory, as the format has it).
+    input: str = ""
+    # Output store; the dataset JSON is written next to it as NAME.json.
+    out: str = "data/converted.zarr"
+    # Convert only the first N episodes (in the source's order).
+    max_episodes: int | None = None
+    # Resize camera frames to this side length (uint8 kept; default: as stored).
+    image_size: int | None = None
+    # Low-dim observation keys to keep, as the source names them (default: all).
+    keys: tuple[str, ...] | None = None
+    # Cameras to keep, as the source names them (default: all stored ones).
+    cameras: tuple[str, ...] | None = None
+    # robomimic: render these cameras from the recorded simulator states (needs --image-size;
+    # as robomimic's dataset_states_to_obs does).
+    render_cameras: tuple[str, ...] = ()
+    # Replace an existing output store (built aside and swapped in when complete).
+    overwrite: bool = False
+    # Continue an interrupted conversion after its last committed episode.
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("--input needs the dataset to convert.")
+        if not self.out.endswith(".zarr"):
+            raise ValueError(f"--out must end in .zarr (got {self.out}).")
+        if self.max_episodes is not None:
+            _positive(self.max_episodes, "--max-episodes")
+        if self.image_size is not None:
+            _positive(self.image_size, "--image-size")
+        if self.render_cameras and not self.image_size:
+            raise ValueError("--render-cameras needs --image-size N (the side of the frames).")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite and --resume exclude each other: replace the store "
+                             "or continue it.")

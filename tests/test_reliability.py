@@ -473,11 +473,11 @@ def test_save_killed_between_its_renames_is_completed(reach_json, tmp_path):
 
 
 def test_overwrite_killed_between_its_renames_is_completed(tmp_path):
-    from icrt.data.collect import _finish_swap
+    from icrt.data.store import finish_swap
 
     pid = _dead_pid()
     path = tmp_path / "mw.zarr"
     _store(tmp_path / f".mw.zarr.old-{pid}", episodes=2)
     _store(tmp_path / f".mw.zarr.collect-{pid}", episodes=5)
-    _finish_swap(path)
+    finish_swap(path, "collect")
     assert EpisodeStore.open(path).num_episodes == 5

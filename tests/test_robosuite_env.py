@@ -71,7 +71,9 @@ def test_family_positions_vary_with_seed(family_env) -> None:
 
 def test_observation_layout(lift_env) -> None:
     obs = lift_env.reset(seed=0)
-    assert set(obs) == {"state", "proprio", "image_agentview", "image_robot0_eye_in_hand"}
+    assert set(obs) == {"state", "proprio", "object", "image_agentview",
+                        "image_robot0_eye_in_hand"}
+    assert np.array_equal(obs["object"], obs["state"][-len(obs["object"]):])
     assert obs["state"].dtype == np.float32 and obs["state"].ndim == 1
     assert obs["proprio"].dtype == np.float32 and obs["proprio"].shape == (9,)
     quat = obs["proprio"][3:7]

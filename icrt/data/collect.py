@@ -36,11 +36,19 @@ import numpy as np
 
 from icrt.config import CollectConfig
 from icrt.data.spec import write_dataset_json
-from icrt.data.store import EpisodeStore, acquire_lock, lock_path, release_lock
+from icrt.data.store import (
+    EpisodeStore,
+    acquire_lock,
+    finish_swap,
+    is_empty_store,
+    lock_path,
+    release_lock,
+    swap_in,
+)
 from icrt.envs.base import check_tasks, default_cameras, episode_seed, make_env, make_expert
 from icrt.envs.episode import run_episode, worker_pool
 from icrt.errors import UserError
-from icrt.fsutil import fsync_path, pid_alive, remove_leftovers
+from icrt.fsutil import remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +208,8 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
             ("prompt", out.with_name(out.stem + "_prompts.zarr"), cfg.prompt_episodes_per_task)
         )
     for _, path, _ in splits:
-        _finish_swap(path)
-        if path.exists() and not (cfg.overwrite or cfg.resume) and not _empty_store(path):
+        finish_swap(path, "collect")
+        if path.exists() and not (cfg.overwrite or cfg.resume) and not is_empty_store(path):
             raise UserError(f"'{path}' already exists; pass --resume to continue it or "
                             f"--overwrite to replace it.")
     _check_same_layout(cfg.env, cfg.tasks, cfg.image_size, cameras, cfg.max_steps)
@@ -230,7 +238,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
             if cfg.overwrite and path.exists():
                 targets[stream] = path.with_name(f".{path.name}.collect-{os.getpid()}")
                 stores[stream] = EpisodeStore.create(targets[stream], overwrite=True)
-            elif path.exists() and (cfg.resume or _empty_store(path)):
+            elif path.exists() and (cfg.resume or is_empty_store(path)):
                 targets[stream] = path
                 stores[stream] = (_open_for_resume(path, cfg) if cfg.resume
                                   else EpisodeStore.create(path, overwrite=True))
@@ -297,7 +305,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         # every split succeeded: swap the rebuilt stores in, then write the dataset JSONs
         for stream, path, _ in splits:
             if targets[stream] != path:
-                _swap_in(targets[stream], path)
+                swap_in(targets[stream], path)
                 targets[stream] = path
             _write_json(path, stream, cfg, json_fields)
     finally:
@@ -331,40 +339,6 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def _empty_store(path: Path) -> bool:
-    """An icrt store without a committed episode (what a killed or failed collect leaves)."""
-    try:
-        store = EpisodeStore.open(path)
-    except UserError:
-        return False
-    return store.num_episodes == 0
-
-
 def _write_json(path: Path, stream: str, cfg: CollectConfig, fields: dict[str, Any]) -> None:
     write_dataset_json(_dataset_json_path(path), stores=[path], **fields,
                        train_split=cfg.train_split if stream == "train" else 1.0)
-
-
-def _finish_swap(path: Path) -> None:
-    """An --overwrite killed between the two renames of :func:`_swap_in` left no ``path`` but
-    the complete new store (``.NAME.zarr.collect-PID``) and the old one (``.old-PID``): put the
-    new one in place (it is only swapped in once complete)."""
-    if path.exists():
-        return
-    for old in path.parent.glob(f".{path.name}.old-*"):
-        pid = old.name.rsplit("-", 1)[1]
-        new = path.with_name(f".{path.name}.collect-{pid}")
-        if pid.isdigit() and not pid_alive(int(pid)) and new.is_dir():
-            os.replace(new, path)
-            log.warning("completed the interrupted --overwrite of '%s'", path)
-            return
-
-
-def _swap_in(new: Path, path: Path) -> None:
-    """Replace the store at ``path`` by ``new`` (a rename each; the old one goes last)."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-    os.replace(new, path)
-    lock_path(new).unlink(missing_ok=True)
-    fsync_path(path.parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -92,11 +92,21 @@ def read_split_file(path: str | Path) -> dict[str, list[list]]:
 
 
 def split_episodes(
-    episodes: list[EpisodeRef], train_split: float, seed: int
+    episodes: list[EpisodeRef], train_split: float, seed: int,
+    fixed_valid: dict[int, set[int]] | None = None,
 ) -> dict[str, list[EpisodeRef]]:
-    """Episode-level split, per task so every task is in the training split."""
+    """Episode-level split, per task so every task is in the training split.
+
+    ``fixed_valid`` maps a store index to the episodes its source declared for validation
+    (a converted robomimic file's ``mask/valid``): such a store keeps that split as it is.
+    """
+    fixed_valid = fixed_valid or {}
     rng = np.random.default_rng([seed, 1234])
     out: dict[str, list[EpisodeRef]] = {"train": [], "val": []}
+    for e in episodes:
+        if e.store in fixed_valid:
+            out["val" if e.index in fixed_valid[e.store] else "train"].append(e)
+    episodes = [e for e in episodes if e.store not in fixed_valid]
     for task in sorted({e.task for e in episodes}):
         eps = [e for e in episodes if e.task == task]
         order = rng.permutation(len(eps))
@@ -144,7 +154,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         if split_file is not None and Path(split_file).is_file():
             splits = self._read_split(split_file, all_eps)
         else:
-            splits = split_episodes(all_eps, self.spec.train_split, self.seed)
+            fixed = {si: set(int(i) for i in st.attrs["valid_episodes"])
+                     for si, st in enumerate(stores) if "valid_episodes" in st.attrs}
+            splits = split_episodes(all_eps, self.spec.train_split, self.seed, fixed)
         self.splits = splits
         episodes = splits[split]
         if split == "train" and dataset_cfg.dataset_fraction < 1.0:

@@ -54,7 +54,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from icrt.errors import UserError
-from icrt.fsutil import fsync_path
+from icrt.fsutil import fsync_path, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -810,3 +810,42 @@ class EpisodeStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- whole-store swaps
+
+
+def is_empty_store(path: str | Path) -> bool:
+    """An icrt store without a committed episode (what a killed or failed writer leaves)."""
+    try:
+        store = EpisodeStore.open(path)
+    except UserError:
+        return False
+    return store.num_episodes == 0
+
+
+def finish_swap(path: str | Path, tag: str) -> None:
+    """A rebuild (``--overwrite``) killed between the two renames of :func:`swap_in` left no
+    ``path`` but the complete new store (``.NAME.zarr.<tag>-PID``) and the old one
+    (``.old-PID``): put the new one in place (it is only swapped in once complete)."""
+    path = Path(path)
+    if path.exists():
+        return
+    for old in path.parent.glob(f".{path.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        new = path.with_name(f".{path.name}.{tag}-{pid}")
+        if pid.isdigit() and not pid_alive(int(pid)) and new.is_dir():
+            os.replace(new, path)
+            log.warning("completed the interrupted --overwrite of '%s'", path)
+            return
+
+
+def swap_in(new: str | Path, path: str | Path) -> None:
+    """Replace the store at ``path`` by ``new`` (a rename each; the old one goes last)."""
+    new, path = Path(new), Path(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(new, path)
+    lock_path(new).unlink(missing_ok=True)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

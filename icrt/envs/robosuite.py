@@ -88,10 +88,11 @@ class RobosuiteEnv:
 
     Observations: ``state`` (robosuite's ``robot0_proprio-state`` + ``object-state``), ``proprio``
     (``robot0_eef_pos`` (3), ``robot0_eef_quat`` (4, xyzw, the hand body's orientation as in
-    robomimic datasets), ``robot0_gripper_qpos`` (2)) and ``image_<camera>`` for each requested
-    camera. Actions are 7-D OSC_POSE deltas in the robot base frame (which is
-    aligned with the world frame): ``dx, dy, dz`` scaled by 0.05 m, ``dax, day, daz`` (axis-angle)
-    scaled by 0.5 rad, and the gripper (-1 open, +1 close), each in [-1, 1].
+    robomimic datasets), ``robot0_gripper_qpos`` (2)), ``object`` (``object-state``, robomimic's
+    name for it) and ``image_<camera>`` for each requested camera. Actions are 7-D OSC_POSE
+    deltas in the robot base frame (which is aligned with the world frame): ``dx, dy, dz``
+    scaled by 0.05 m, ``dax, day, daz`` (axis-angle) scaled by 0.5 rad, and the gripper (-1
+    open, +1 close), each in [-1, 1].
     """
 
     action_dim = 7
@@ -341,6 +342,25 @@ class RobosuiteEnv:
             s["source_high"] = np.array(env.bin1_pos[:2]) + half
         return s
 
+    def flat_state(self) -> np.ndarray:
+        """The flattened MuJoCo state (time, qpos, qvel), as robomimic records ``states``."""
+        return np.asarray(self.raw_env.sim.get_state().flatten(), dtype=np.float64)
+
+    def render_flat_state(self, state: np.ndarray, camera: str, size: int) -> np.ndarray:
+        """Set the simulator to a recorded :meth:`flat_state` and render one camera
+        (robomimic's ``dataset_states_to_obs``); a state of another model is one sentence."""
+        state = np.asarray(state, dtype=np.float64).reshape(-1)
+        want = self.flat_state().shape[0]
+        if state.shape[0] != want:
+            raise UserError(
+                f"A recorded simulator state has {state.shape[0]} values but robosuite "
+                f"{self.task} here has {want}; it was recorded with another robosuite version "
+                f"or model, so its frames cannot be re-rendered."
+            )
+        self.raw_env.sim.set_state_from_flattened(state)
+        self.raw_env.sim.forward()
+        return self._render(camera, size)
+
     def set_object_pose(
         self, name: str, pos: np.ndarray, quat_wxyz: np.ndarray | None = None
     ) -> None:
@@ -368,6 +388,9 @@ class RobosuiteEnv:
             "proprio": np.concatenate(
                 [raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]]
             ).astype(np.float32),
+            # robosuite's object-state under robomimic's name, so converted robomimic datasets
+            # (proprio + object) evaluate here
+            "object": raw["object-state"].astype(np.float32),
         }
         for cam in self.cameras:
             obs[f"image_{cam}"] = self._render(cam, self.image_size)

@@ -1,0 +1,236 @@
+"""scripts/convert.py on files in the source tools' own layouts.
+
+robomimic: HDF5 files written with h5py in robomimic's layout from real robosuite Lift episodes
+(our scripted expert, with the flattened simulator states robomimic records), so re-rendering
+and evaluation in the simulator are checked against the frames seen live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before robosuite/mujoco are imported
+
+import numpy as np
+import pytest
+
+from icrt.config import ConvertConfig, DatasetConfig, SharedConfig
+from icrt.data.convert import convert
+from icrt.data.sequence import SequenceDataset
+from icrt.data.spec import DatasetSpec
+from icrt.data.store import EpisodeStore
+from icrt.errors import UserError
+
+h5py = pytest.importorskip("h5py")
+pytest.importorskip("robosuite")
+
+pytestmark = pytest.mark.sim
+
+ENV_ARGS = {"env_name": "Lift", "type": 1,
+            "env_kwargs": {"robots": ["Panda"], "control_freq": 20,
+                           "controller_configs": {"type": "OSC_POSE", "control_delta": True}}}
+
+
+def _record_lift(episodes: int, size: int, max_steps: int = 150) -> list[dict]:
+    from icrt.envs.base import make_env, make_expert
+
+    env = make_env("robosuite", "Lift", image_size=size, cameras=("agentview",))
+    expert = make_expert("robosuite", "Lift")
+    out = []
+    try:
+        for i in range(episodes):
+            obs = env.reset(seed=100 + i)
+            expert.reset(env)
+            rec = {k: [] for k in ("proprio", "object", "agentview", "states", "actions",
+                                   "rewards")}
+            for _ in range(max_steps):
+                rec["proprio"].append(obs["proprio"])
+                rec["object"].append(obs["object"])
+                rec["agentview"].append(obs["image_agentview"])
+                rec["states"].append(env.flat_state())
+                action = np.asarray(expert.act(env, obs), np.float64)
+                obs, reward, done, info = env.step(action)
+                rec["actions"].append(action)
+                rec["rewards"].append(float(info["success"]))
+                if info["success"] or done:
+                    break
+            out.append({k: np.asarray(v) for k, v in rec.items()})
+    finally:
+        env.close()
+    return out
+
+
+def write_robomimic(path, episodes: list[dict], cameras: bool = True, valid=(2,)) -> None:
+    """A robomimic-layout HDF5 file (data/demo_N/{obs/*, actions, rewards, dones, states})."""
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps(ENV_ARGS)
+        data.attrs["total"] = sum(len(e["actions"]) for e in episodes)
+        for i, e in enumerate(episodes):
+            g = data.create_group(f"demo_{i}")
+            g.attrs["num_samples"] = len(e["actions"])
+            g.create_dataset("actions", data=e["actions"])
+            g.create_dataset("rewards", data=e["rewards"])
+            g.create_dataset("dones", data=e["rewards"].astype(np.int64))
+            g.create_dataset("states", data=e["states"])
+            o = g.create_group("obs")
+            o.create_dataset("robot0_eef_pos", data=e["proprio"][:, :3].astype(np.float64))
+            o.create_dataset("robot0_eef_quat", data=e["proprio"][:, 3:7].astype(np.float64))
+            o.create_dataset("robot0_gripper_qpos", data=e["proprio"][:, 7:9].astype(np.float64))
+            o.create_dataset("object", data=e["object"].astype(np.float64))
+            if cameras:
+                o.create_dataset("agentview_image", data=e["agentview"])
+        names = [f"demo_{i}".encode() for i in range(len(episodes))]
+        mask = f.create_group("mask")
+        mask.create_dataset("valid", data=[n for i, n in enumerate(names) if i in valid])
+        mask.create_dataset("train", data=[n for i, n in enumerate(names) if i not in valid])
+
+
+@pytest.fixture(scope="module")
+def lift(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robomimic")
+    episodes = _record_lift(3, size=32)
+    write_robomimic(root / "lift.hdf5", episodes)
+    write_robomimic(root / "lift_states.hdf5", episodes, cameras=False)
+    return root, episodes
+
+
+def test_robomimic_conversion_keeps_numbers_tasks_and_split(lift, tmp_path):
+    root, episodes = lift
+    out = tmp_path / "lift.zarr"
+    summary = convert(ConvertConfig(format="robomimic", input=str(root / "lift.hdf5"),
+                                    out=str(out)), progress=False)
+    assert summary["episodes"] == 3
+    store = EpisodeStore.open(out)
+    assert store.tasks == ["Lift"] and store.num_episodes == 3
+    assert store.env["name"] == "robosuite" and store.fps == 20.0
+    assert store.attrs["valid_episodes"] == [2]
+    assert store.key_info("proprio")["rotation"] == {"start": 3, "format": "quat_xyzw"}
+    for i, e in enumerate(episodes):
+        ep = store.episode(i)
+        np.testing.assert_allclose(ep["action"], e["actions"], atol=1e-6)
+        np.testing.assert_allclose(ep["proprio"], e["proprio"], atol=1e-6)
+        np.testing.assert_allclose(ep["object"], e["object"], atol=1e-6)
+        np.testing.assert_array_equal(ep["image_agentview"], e["agentview"])
+        assert bool(store.episode_success[i]) == bool(e["rewards"].max() > 0)
+    spec = DatasetSpec.load(out.with_suffix(".json"))
+    assert spec.proprio_keys == ("proprio", "object") and spec.image_keys == ("image_agentview",)
+    # robomimic's own split is ours: demo_2 validates, the rest train
+    shared = SharedConfig(seq_length=16, num_pred_steps=2)
+    cfg = DatasetConfig(dataset_json=str(out.with_suffix(".json")))
+    val = SequenceDataset(cfg, shared, split="val")
+    assert [(e.store, e.index) for e in val.episodes] == [(0, 2)]
+    assert sorted(e.index for e in val.splits["train"]) == [0, 1]
+
+
+def test_robomimic_frames_rerendered_from_states_match_live_frames(lift, tmp_path):
+    root, episodes = lift
+    out = tmp_path / "rendered.zarr"
+    convert(ConvertConfig(format="robomimic", input=str(root / "lift_states.hdf5"),
+                          out=str(out), render_cameras=("agentview",), image_size=32,
+                          max_episodes=1), progress=False)
+    frames = EpisodeStore.open(out).episode(0)["image_agentview"]
+    live = episodes[0]["agentview"]
+    assert frames.shape == live.shape and frames.dtype == np.uint8
+    assert np.abs(frames.astype(int) - live.astype(int)).mean() < 1.0
+
+
+def test_robomimic_resume_equals_one_run_and_existing_stores_are_kept(lift, tmp_path):
+    root, _ = lift
+    src = str(root / "lift.hdf5")
+    whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
+    convert(ConvertConfig(format="robomimic", input=src, out=str(whole), image_size=16),
+            progress=False)
+    convert(ConvertConfig(format="robomimic", input=src, out=str(part), image_size=16,
+                          max_episodes=1), progress=False)  # an interrupted run
+    with pytest.raises(UserError, match="already exists; pass --resume"):
+        convert(ConvertConfig(format="robomimic", input=src, out=str(part), image_size=16),
+                progress=False)
+    with pytest.raises(UserError, match="different --image-size"):
+        convert(ConvertConfig(format="robomimic", input=src, out=str(part), image_size=24,
+                              resume=True), progress=False)
+    summary = convert(ConvertConfig(format="robomimic", input=src, out=str(part),
+                                    image_size=16, resume=True), progress=False)
+    assert summary["converted_now"] == 2
+    a, b = EpisodeStore.open(whole), EpisodeStore.open(part)
+    assert a.num_episodes == b.num_episodes == 3 and a.attrs["valid_episodes"] == [2]
+    assert b.attrs["valid_episodes"] == [2]
+    for i in range(3):
+        for key, value in a.episode(i).items():
+            np.testing.assert_array_equal(value, b.episode(i)[key])
+    assert b.episode(0)["image_agentview"].shape[1:] == (16, 16, 3)
+    # --overwrite replaces it whole
+    convert(ConvertConfig(format="robomimic", input=src, out=str(part), max_episodes=2,
+                          overwrite=True), progress=False)
+    assert EpisodeStore.open(part).num_episodes == 2
+
+
+def test_converted_robomimic_dataset_trains_and_evaluates_in_robosuite(lift, tmp_path):
+    from test_train import tiny_args
+
+    from icrt.config import EvalConfig, parse_config
+    from icrt.eval.rollout import evaluate
+    from icrt.train.loop import train
+
+    root, _ = lift
+    out = tmp_path / "lift.zarr"
+    convert(ConvertConfig(format="robomimic", input=str(root / "lift.hdf5"), out=str(out),
+                          cameras=()), progress=False)  # low-dim only
+    run = train(parse_config(tiny_args(out.with_suffix(".json"), tmp_path / "run",
+                                       "--trainer-cfg.epochs", "1",
+                                       "--shared-cfg.seq-length", "24")), progress=False)
+    results = evaluate(EvalConfig(checkpoint=str(run), no_prompt=True, episodes_per_task=1,
+                                  workers=1, max_steps=5), progress=False)
+    assert results["env"] == "robosuite" and list(results["tasks"]) == ["Lift"]
+    assert results["tasks"]["Lift"]["trained_on"] is True
+
+
+def _bad_file(path, mutate) -> None:
+    eps = [{"actions": np.zeros((4, 7)), "rewards": np.zeros(4), "states": np.zeros((4, 3)),
+            "proprio": np.zeros((4, 9)), "object": np.zeros((4, 10)),
+            "agentview": np.zeros((4, 8, 8, 3), np.uint8)} for _ in range(2)]
+    mutate(eps)
+    write_robomimic(path, eps, valid=())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "flags", "match"),
+    [
+        (lambda e: e[1].__setitem__("actions", np.full((4, 7), np.nan)), {},
+         "demo 'demo_1': 'action' has a non-finite value at step 0"),
+        (lambda e: e[1].__setitem__("actions", np.zeros((5, 7))), {},
+         "demo 'demo_1': 'object' has 4 steps but 'action' has 5"),
+        (lambda e: None, {"keys": ("robot0_joint_pos",)},
+         "--keys: 'robot0_joint_pos' is not in"),
+        (lambda e: None, {"cameras": ("frontview",)}, "--cameras: 'frontview' is not in"),
+    ],
+)
+def test_bad_robomimic_inputs_are_one_sentence_and_keep_what_was_committed(
+        tmp_path, mutate, flags, match):
+    path = tmp_path / "bad.hdf5"
+    _bad_file(path, mutate)
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(UserError, match=match):
+        convert(ConvertConfig(format="robomimic", input=str(path), out=str(out), **flags),
+                progress=False)
+    if "non-finite" in match or "steps" in match:  # demo_0 was committed and stays
+        assert EpisodeStore.open(out).num_episodes == 1
+
+
+def test_files_of_another_format_are_refused(tmp_path):
+    text = tmp_path / "notes.hdf5"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="is not an HDF5 file"):
+        convert(ConvertConfig(format="robomimic", input=str(text), out=str(tmp_path / "a.zarr")),
+                progress=False)
+    other = tmp_path / "other.hdf5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("observation/joint_pos", data=np.zeros((3, 2)))
+    with pytest.raises(UserError, match="no 'data' group"):
+        convert(ConvertConfig(format="robomimic", input=str(other), out=str(tmp_path / "b.zarr")),
+                progress=False)
+    with pytest.raises(UserError, match="does not exist"):
+        convert(ConvertConfig(format="robomimic", input=str(tmp_path / "none.hdf5"),
+                              out=str(tmp_path / "c.zarr")), progress=False)
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
