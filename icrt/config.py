@@ -625,9 +625,10 @@ class CollectConfig:
 class ConvertConfig:
     """Convert another tool's dataset into an icrt episode store plus its dataset JSON."""
 
-    # Input format: robomimic (an HDF5 file with data/demo_N groups).
-    format: Literal["robomimic"] = "robomimic"
-    # The dataset to convert (a file or directory, as the format has it).
+    # Input format: robomimic (an HDF5 file with data/demo_N groups) or icrt (ICRT's dataset
+    # JSON naming DROID-style HDF5 files).
+    format: Literal["robomimic", "icrt"] = "robomimic"
+    # The dataset to convert: the robomimic HDF5 file, or the ICRT dataset JSON.
     input: str = ""
     # Output store; the dataset JSON is written next to it as NAME.json.
     out: str = "data/converted.zarr"

@@ -3,6 +3,8 @@
     python scripts/convert.py --format robomimic --input low_dim.hdf5 --out data/can.zarr
     python scripts/convert.py --format robomimic --input demo.hdf5 --out data/lift_img.zarr \
         --render-cameras agentview robot0_eye_in_hand --image-size 84
+    python scripts/convert.py --format icrt --input config/dataset_config.json --out data/mt.zarr \
+        --image-size 128
     python scripts/convert.py ... --resume        # continue after the last committed episode
 
 Run with -h for every option.

@@ -234,3 +234,111 @@ def test_files_of_another_format_are_refused(tmp_path):
         convert(ConvertConfig(format="robomimic", input=str(tmp_path / "none.hdf5"),
                               out=str(tmp_path / "c.zarr")), progress=False)
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
+# ----------------------------------------------------------------------------- ICRT HDF5
+
+
+def write_icrt(root, lengths=(5, 6, 7, 5), tasks=("pick the tiger", "pick the tiger",
+                                                   "open the drawer", "open the drawer")):
+    """ICRT's layout: a DROID-style HDF5 (one group per episode) plus its dataset JSON files."""
+    import imageio.v3 as iio
+
+    rng = np.random.default_rng(0)
+    episodes = {}
+    with h5py.File(root / "r2d2.hdf5", "w") as f:
+        for i, n in enumerate(lengths):
+            name = f"trajectory_{i}"
+            e = {"observation/cartesian_position": rng.normal(size=(n, 6)),
+                 "observation/gripper_position": rng.uniform(size=(n, 1)),
+                 "action/cartesian_position": rng.normal(size=(n, 6)),
+                 "action/gripper_position": rng.uniform(size=(n, 1)),
+                 "observation/exterior_image_1_left":
+                     rng.integers(0, 256, (n, 12, 16, 3), dtype=np.uint8),
+                 "observation/wrist_image_left":
+                     rng.integers(0, 256, (n, 12, 16, 3), dtype=np.uint8)}
+            g = f.create_group(name)
+            for k, v in e.items():
+                if k.endswith("wrist_image_left"):  # one encoded (PNG) image per step
+                    bufs = [np.frombuffer(iio.imwrite("<bytes>", fr, extension=".png"), np.uint8)
+                            for fr in v]
+                    ds = g.create_dataset(k, (n,), dtype=h5py.vlen_dtype(np.uint8))
+                    for t, b in enumerate(bufs):
+                        ds[t] = b
+                else:
+                    g.create_dataset(k, data=v)
+            episodes[name] = e
+    names = list(episodes)
+    (root / "hdf5_keys.json").write_text(json.dumps(names))
+    (root / "epi_len_mapping.json").write_text(json.dumps(dict(zip(names, lengths))))
+    verb: dict[str, list] = {}
+    for name, task in zip(names, tasks):
+        verb.setdefault(task, []).append(name)
+    (root / "verb_to_episode.json").write_text(json.dumps(verb))
+    cfg = {"dataset_path": ["r2d2.hdf5"], "hdf5_keys": ["hdf5_keys.json"],
+           "epi_len_mapping_json": "epi_len_mapping.json",
+           "verb_to_episode": "verb_to_episode.json", "train_split": 0.95,
+           "action_keys": ["action/cartesian_position", "action/gripper_position"],
+           "image_keys": ["observation/exterior_image_1_left", "observation/wrist_image_left"],
+           "proprio_keys": ["observation/cartesian_position", "observation/gripper_position"]}
+    (root / "dataset_config.json").write_text(json.dumps(cfg))
+    return root / "dataset_config.json", episodes
+
+
+def test_icrt_hdf5_conversion_keeps_numbers_tasks_frames_and_rotations(tmp_path):
+    src, episodes = write_icrt(tmp_path)
+    out = tmp_path / "mt.zarr"
+    convert(ConvertConfig(format="icrt", input=str(src), out=str(out)), progress=False)
+    store = EpisodeStore.open(out)
+    assert sorted(store.tasks) == ["open the drawer", "pick the tiger"]
+    assert store.num_episodes == 4
+    for i, (name, e) in enumerate(episodes.items()):
+        ep = store.episode(i)
+        np.testing.assert_allclose(ep["cartesian_position"],
+                                   e["observation/cartesian_position"], atol=1e-6)
+        np.testing.assert_allclose(ep["action_gripper_position"],
+                                   e["action/gripper_position"], atol=1e-6)
+        np.testing.assert_array_equal(ep["image_exterior_image_1_left"],
+                                      e["observation/exterior_image_1_left"])
+        np.testing.assert_array_equal(ep["image_wrist_image_left"],
+                                      e["observation/wrist_image_left"])  # PNG: lossless
+    euler = {"start": 3, "format": "euler_xyz"}
+    assert store.key_info("cartesian_position")["rotation"] == euler
+    assert store.key_info("action_cartesian_position")["rotation"] == euler
+    spec = DatasetSpec.load(out.with_suffix(".json"))
+    assert spec.train_split == 0.95
+    assert spec.proprio_keys == ("cartesian_position", "gripper_position")
+    assert spec.action_keys == ("action_cartesian_position", "action_gripper_position")
+    assert spec.image_keys == ("image_exterior_image_1_left", "image_wrist_image_left")
+    # resized on the way in
+    small = tmp_path / "small.zarr"
+    convert(ConvertConfig(format="icrt", input=str(src), out=str(small), image_size=8,
+                          cameras=("wrist_image_left",), max_episodes=2), progress=False)
+    st = EpisodeStore.open(small)
+    assert st.num_episodes == 2 and "image_exterior_image_1_left" not in st.keys
+    assert st.episode(0)["image_wrist_image_left"].shape == (5, 8, 8, 3)
+
+
+def test_bad_icrt_inputs_are_one_sentence(tmp_path):
+    src, _ = write_icrt(tmp_path)
+    body = json.loads(src.read_text())
+    lengths = json.loads((tmp_path / "epi_len_mapping.json").read_text())
+    lengths["trajectory_1"] = 99
+    (tmp_path / "bad_len.json").write_text(json.dumps(lengths))
+    cases = [
+        ({**body, "epi_len_mapping_json": "bad_len.json"},
+         "episode 'trajectory_1' has 6 steps but epi_len_mapping says 99"),
+        ({**body, "dataset_path": ["missing.hdf5"]}, "'missing.hdf5' .* does not exist"),
+        ({k: v for k, v in body.items() if k != "verb_to_episode"}, "lacks verb_to_episode"),
+        ({**body, "proprio_keys": ["observation/joint_position"]},
+         "episode 'trajectory_0' has no 'observation/joint_position'"),
+    ]
+    for i, (cfg, match) in enumerate(cases):
+        path = tmp_path / f"case{i}.json"
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(UserError, match=match):
+            convert(ConvertConfig(format="icrt", input=str(path),
+                                  out=str(tmp_path / f"case{i}.zarr")), progress=False)
+    with pytest.raises(UserError, match="is not valid JSON"):
+        convert(ConvertConfig(format="icrt", input=str(tmp_path / "r2d2.hdf5"),
+                              out=str(tmp_path / "x.zarr")), progress=False)

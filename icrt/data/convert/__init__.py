@@ -46,7 +46,10 @@ from icrt.fsutil import remove_leftovers
 
 log = logging.getLogger(__name__)
 
-READERS = {"robomimic": "icrt.data.convert.robomimic:RobomimicReader"}
+READERS = {
+    "robomimic": "icrt.data.convert.robomimic:RobomimicReader",
+    "icrt": "icrt.data.convert.icrt_hdf5:IcrtReader",
+}
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Layout:
     fps: float | None = None
     key_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     has_split: bool = False  # the source declares validation episodes
+    train_split: float = 0.9  # the dataset JSON's, where the source has no split of its own
 
 
 class Reader(Protocol):
@@ -128,7 +132,7 @@ def _write_json(path: Path, layout: Layout) -> None:
     write_dataset_json(path.with_suffix(".json"), stores=[path],
                        proprio_keys=layout.proprio_keys, action_keys=layout.action_keys,
                        image_keys=layout.image_keys,
-                       train_split=1.0 if layout.has_split else 0.9)
+                       train_split=1.0 if layout.has_split else layout.train_split)
 
 
 def convert(cfg: ConvertConfig, progress: bool = True) -> dict[str, Any]:
