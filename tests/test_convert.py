@@ -270,9 +270,9 @@ def write_icrt(root, lengths=(5, 6, 7, 5), tasks=("pick the tiger", "pick the ti
             episodes[name] = e
     names = list(episodes)
     (root / "hdf5_keys.json").write_text(json.dumps(names))
-    (root / "epi_len_mapping.json").write_text(json.dumps(dict(zip(names, lengths))))
+    (root / "epi_len_mapping.json").write_text(json.dumps(dict(zip(names, lengths, strict=True))))
     verb: dict[str, list] = {}
-    for name, task in zip(names, tasks):
+    for name, task in zip(names, tasks, strict=True):
         verb.setdefault(task, []).append(name)
     (root / "verb_to_episode.json").write_text(json.dumps(verb))
     cfg = {"dataset_path": ["r2d2.hdf5"], "hdf5_keys": ["hdf5_keys.json"],
@@ -292,7 +292,7 @@ def test_icrt_hdf5_conversion_keeps_numbers_tasks_frames_and_rotations(tmp_path)
     store = EpisodeStore.open(out)
     assert sorted(store.tasks) == ["open the drawer", "pick the tiger"]
     assert store.num_episodes == 4
-    for i, (name, e) in enumerate(episodes.items()):
+    for i, e in enumerate(episodes.values()):
         ep = store.episode(i)
         np.testing.assert_allclose(ep["cartesian_position"],
                                    e["observation/cartesian_position"], atol=1e-6)
