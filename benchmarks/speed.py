@@ -337,6 +337,66 @@ def benchmark_data(
 # ------------------------------------------------------------------------------- simulation
 
 
+def benchmark_convert(folder: str, episodes: int = 40, steps: int = 100,
+                      image_size: int = 84) -> list[dict]:
+    """Conversion throughput (episodes/min) of each ``scripts/convert.py`` format on files
+    written in that format's layout: 2 cameras of ``image_size``, low-dim state and actions."""
+    import json
+    from pathlib import Path
+
+    import h5py
+
+    from icrt.config import ConvertConfig
+    from icrt.data.convert import convert
+
+    root = Path(folder)
+    rng = np.random.default_rng(0)
+    frames = _smooth_frames(rng, steps, image_size)
+    with h5py.File(root / "robomimic.hdf5", "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {
+            "robots": ["Panda"], "controller_configs": {"type": "OSC_POSE"}}})
+        for i in range(episodes):
+            g = data.create_group(f"demo_{i}")
+            g.create_dataset("actions", data=rng.normal(size=(steps, 7)))
+            g.create_dataset("rewards", data=np.r_[np.zeros(steps - 1), 1.0])
+            o = g.create_group("obs")
+            for key, dim in (("robot0_eef_pos", 3), ("robot0_eef_quat", 4),
+                             ("robot0_gripper_qpos", 2), ("object", 10)):
+                o.create_dataset(key, data=rng.normal(size=(steps, dim)))
+            for cam in ("agentview", "robot0_eye_in_hand"):
+                o.create_dataset(f"{cam}_image", data=frames)
+    names = [f"trajectory_{i}" for i in range(episodes)]
+    with h5py.File(root / "r2d2.hdf5", "w") as f:
+        for name in names:
+            g = f.create_group(name)
+            g.create_dataset("observation/cartesian_position", data=rng.normal(size=(steps, 6)))
+            g.create_dataset("observation/gripper_position", data=rng.uniform(size=(steps, 1)))
+            g.create_dataset("action/cartesian_position", data=rng.normal(size=(steps, 6)))
+            g.create_dataset("action/gripper_position", data=rng.uniform(size=(steps, 1)))
+            for cam in ("exterior_image_1_left", "wrist_image_left"):
+                g.create_dataset(f"observation/{cam}", data=frames)
+    (root / "keys.json").write_text(json.dumps(names))
+    (root / "verbs.json").write_text(json.dumps({"pick": names}))
+    (root / "icrt.json").write_text(json.dumps({
+        "dataset_path": ["r2d2.hdf5"], "hdf5_keys": ["keys.json"],
+        "verb_to_episode": "verbs.json", "train_split": 0.95,
+        "action_keys": ["action/cartesian_position", "action/gripper_position"],
+        "image_keys": ["observation/exterior_image_1_left", "observation/wrist_image_left"],
+        "proprio_keys": ["observation/cartesian_position", "observation/gripper_position"]}))
+    rows = []
+    for fmt, src in (("robomimic", "robomimic.hdf5"), ("icrt", "icrt.json")):
+        t0 = time.perf_counter()
+        convert(ConvertConfig(format=fmt, input=str(root / src), out=str(root / f"{fmt}.zarr")),
+                progress=False)
+        dt = time.perf_counter() - t0
+        rows.append({"format": fmt, "episodes": episodes, "steps_per_episode": steps,
+                     "cameras": f"2 x {image_size}px", "seconds": dt,
+                     "episodes_per_min": 60.0 * episodes / dt,
+                     "steps_per_s": episodes * steps / dt})
+    return rows
+
+
 def benchmark_sim(checkpoint: str, prompt_dataset: str, tasks: tuple[str, ...] | None = None,
                   episodes_per_task: int = 20,
                   settings: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 4)),

@@ -110,6 +110,12 @@ def main(cfg: BenchmarkConfig) -> None:
         out["data"] = rows
         print("## Sequence loading (64-step windows, 2 cameras 96x96)\n")
         print(table(rows, ["loader", "samples_per_s", "vs_per_step"]) + "\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = speed.benchmark_convert(tmp)
+        out["convert"] = rows
+        print("## Dataset conversion (scripts/convert.py)\n")
+        print(table(rows, ["format", "episodes", "steps_per_episode", "cameras", "seconds",
+                           "episodes_per_min", "steps_per_s"]) + "\n")
     if "features" in todo:
         with tempfile.TemporaryDirectory() as tmp:
             rows = speed.benchmark_feature_training(tmp)
