@@ -342,3 +342,23 @@ def test_bad_icrt_inputs_are_one_sentence(tmp_path):
     with pytest.raises(UserError, match="is not valid JSON"):
         convert(ConvertConfig(format="icrt", input=str(tmp_path / "r2d2.hdf5"),
                               out=str(tmp_path / "x.zarr")), progress=False)
+
+
+def test_an_icrt_dataset_json_given_to_training_is_converted_once(tmp_path, caplog):
+    src, episodes = write_icrt(tmp_path, lengths=(20, 22, 24, 21))
+    with caplog.at_level("WARNING"):
+        spec = DatasetSpec.load(src)
+    assert "converting it once" in caplog.text
+    assert spec.path == tmp_path / "dataset_config.icrt.json"
+    assert spec.image_keys == ("image_exterior_image_1_left", "image_wrist_image_left")
+    store = EpisodeStore.open(tmp_path / "dataset_config.icrt.zarr")
+    assert store.num_episodes == 4 and store.attrs["convert_complete"] is True
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = DatasetSpec.load(src)  # reused, not converted again
+    assert again.path == spec.path and "converting" not in caplog.text
+    data = SequenceDataset(DatasetConfig(dataset_json=str(src)),
+                           SharedConfig(seq_length=16, num_pred_steps=2))
+    item = data[0]
+    assert item["image_wrist_image_left"].shape == (16, 12, 16, 3)
+    assert item["proprio"].shape == (16, 10)  # xyz + Euler as 6-D rotation (declared) + gripper

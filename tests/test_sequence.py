@@ -257,8 +257,9 @@ def test_dataset_json_errors(tmp_path):
     p.write_text(json.dumps({"stores": ["x.zarr"], "proprio_keys": ["s"]}))
     with pytest.raises(UserError, match="non-empty list 'action_keys'"):
         DatasetSpec.load(p)
+    # an ICRT config is converted (tests/test_convert.py); an incomplete one is one sentence
     p.write_text(json.dumps({"dataset_path": ["x.hdf5"], "hdf5_keys": ["k.json"]}))
-    with pytest.raises(UserError, match="ICRT HDF5"):
+    with pytest.raises(UserError, match="is not an ICRT dataset JSON: it lacks verb_to_episode"):
         DatasetSpec.load(p)
 
 

@@ -63,10 +63,7 @@ class DatasetSpec:
         if not isinstance(d, dict):
             raise UserError(f"Dataset JSON '{path}' must hold an object.")
         if "hdf5_keys" in d or "dataset_path" in d:
-            raise UserError(
-                f"'{path}' is an ICRT HDF5 dataset config; icrt trains on zarr episode stores "
-                f"(see docs/data.md)."
-            )
+            return cls.load(icrt_dataset_json(path))
         unknown = sorted(set(d) - _FIELDS)
         if unknown:
             raise UserError(
@@ -125,6 +122,45 @@ class DatasetSpec:
                     f"Key '{key}' declares different rotations across the stores of '{self.path}'."
                 )
         return stores
+
+
+def icrt_dataset_json(path: str | Path, poll_seconds: float = 2.0,
+                      timeout_seconds: float = 3600.0) -> Path:
+    """An ICRT dataset JSON (HDF5 files + key lists) as our dataset JSON: converted once into
+    ``NAME.icrt.zarr`` beside it (``scripts/convert.py --format icrt``), reused afterwards, and
+    continued if an earlier conversion was interrupted. Under torchrun only rank 0 converts;
+    the other ranks wait for it to finish."""
+    import logging
+    import os
+    import time
+
+    from icrt.config import ConvertConfig
+    from icrt.data.convert import convert
+
+    path = Path(path)
+    out = path.with_name(f"{path.stem}.icrt.zarr")
+
+    def complete() -> bool:
+        try:
+            return bool(EpisodeStore.open(out, check=False).attrs.get("convert_complete"))
+        except UserError:
+            return False
+
+    if complete():
+        return out.with_suffix(".json")
+    if int(os.environ.get("RANK", "0")) != 0:
+        deadline = time.monotonic() + timeout_seconds
+        while not complete():
+            if time.monotonic() > deadline:
+                raise UserError(f"Rank {os.environ['RANK']} waited {timeout_seconds:.0f} s for "
+                                f"rank 0 to convert '{path}' into '{out}'.")
+            time.sleep(poll_seconds)
+        return out.with_suffix(".json")
+    logging.getLogger(__name__).warning(
+        "'%s' is an ICRT dataset config: converting it once into '%s' (later runs reuse it)",
+        path, out)
+    convert(ConvertConfig(format="icrt", input=str(path), out=str(out), resume=out.exists()))
+    return out.with_suffix(".json")
 
 
 def write_dataset_json(path: str | Path, **fields: Any) -> None:

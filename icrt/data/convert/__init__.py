@@ -166,6 +166,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> dict[str, Any]:
             store = EpisodeStore.create(target, overwrite=True)
         elif out.exists() and cfg.resume:
             store = _open_for_resume(out, cfg)
+            store.set_attrs(convert_complete=False)
         else:
             store = EpisodeStore.create(out, overwrite=out.exists())
         start = store.num_episodes
@@ -188,6 +189,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> dict[str, Any]:
             if layout.has_split:  # the split so far (a resume rewrites it)
                 store.set_attrs(valid_episodes=[v for v in valid if v <= i])
             bar.update(1)
+        store.set_attrs(convert_complete=True)  # every asked-for episode is in
         store.close()
         if target != out:
             swap_in(target, out)
