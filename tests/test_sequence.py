@@ -275,6 +275,48 @@ def test_several_stores_merge(tmp_path):
     assert ds.tasks == TASKS
 
 
+def _query_store_fractions(ds, epochs=4):
+    counts = np.zeros(2)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        plan = ds._plan(epoch)
+        last = np.searchsorted(plan.occ_end, plan.starts + ds.seq_length - 1, side="right")
+        stores = np.array([e.store for e in ds.episodes])[plan.occ_episode[last]]
+        counts += np.bincount(stores, minlength=2)
+    return counts / counts.sum(), int(counts.sum())
+
+
+def test_store_weights_set_where_query_sequences_come_from(tmp_path):
+    _make_store(tmp_path / "big.zarr", n_per_task=(12, 12, 12))
+    _make_store(tmp_path / "small.zarr", n_per_task=(2, 2, 2))
+    plain = tmp_path / "plain.json"
+    write_dataset_json(plain, stores=[tmp_path / "big.zarr", tmp_path / "small.zarr"],
+                       proprio_keys=["state"], action_keys=["action"], train_split=1.0)
+    frac, _ = _query_store_fractions(SequenceDataset(*_cfgs(plain, seq_length=10)))
+    assert frac[1] < 0.3  # without weights, by size
+    for w_small in (0.5, 0.8):
+        mixed = tmp_path / f"mix{w_small}.json"
+        body = json.loads(plain.read_text())
+        body["stores"] = [{"path": body["stores"][0], "weight": 1.0 - w_small},
+                          {"path": body["stores"][1], "weight": w_small}]
+        mixed.write_text(json.dumps(body))
+        ds = SequenceDataset(*_cfgs(mixed, seq_length=10))
+        frac, n = _query_store_fractions(ds)
+        sigma = np.sqrt(w_small * (1 - w_small) / n)
+        assert abs(frac[1] - w_small) < 4 * sigma, (frac, n)
+        item = ds[0]  # windows of the mixture are ordinary windows
+        assert item["proprio"].shape == (10, 3)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads(plain.read_text()),
+                               "stores": [{"path": "big.zarr", "weight": 1}, "small.zarr"]}))
+    with pytest.raises(UserError, match="give every store a weight, or none"):
+        DatasetSpec.load(bad)
+    bad.write_text(json.dumps({**json.loads(plain.read_text()),
+                               "stores": [{"path": "big.zarr", "weight": -1}]}))
+    with pytest.raises(UserError, match="a store entry must be a path or"):
+        DatasetSpec.load(bad)
+
+
 def test_normalisation_uses_store_stats(dataset_json):
     d, s = _cfgs(dataset_json)
     ds = SequenceDataset(dataclasses.replace(d, proprio_norm="mean_std", action_norm="min_max"), s)

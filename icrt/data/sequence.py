@@ -406,9 +406,28 @@ class SequenceDataset(torch.utils.data.Dataset):
             all_starts = np.arange(max(0, offset - T + 1))
         stride = cfg.non_overlapping
         stride = T if stride is True else max(1, int(stride))
-        plan = _Plan(occ_episode, occ_start, occ_end, all_starts[::stride].astype(np.int64))
+        starts = all_starts[::stride].astype(np.int64)
+        if self.spec.weights is not None and self.split == "train" and len(starts):
+            starts = self._mixture(starts, occ_episode, occ_end, rng)
+        plan = _Plan(occ_episode, occ_start, occ_end, starts)
         self._plan_cache = (epoch, plan)
         return plan
+
+    def _mixture(self, starts: np.ndarray, occ_episode: np.ndarray, occ_end: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+        """Resample the epoch's windows so the store of each window's query (its last step)
+        follows the dataset JSON's store weights; the epoch keeps its number of windows."""
+        last = np.searchsorted(occ_end, starts + self.seq_length - 1, side="right")
+        store = np.array([e.store for e in self.episodes])[occ_episode[last]]
+        weights = np.asarray(self.spec.weights, np.float64)
+        present = [k for k in range(len(weights)) if np.any(store == k)]
+        p = weights[present] / weights[present].sum()
+        counts = rng.multinomial(len(starts), p)
+        out = []
+        for k, c in zip(present, counts, strict=True):
+            pool = starts[store == k]
+            out.append(pool[rng.choice(len(pool), c, replace=c > len(pool))])
+        return np.sort(np.concatenate(out))
 
     # ------------------------------------------------------------------ items
 

@@ -1,7 +1,8 @@
 """The dataset JSON (``--dataset-cfg.dataset-json``): which stores and keys a run trains on.
 
     {
-      "stores": ["mw5.zarr"],              # paths relative to this file (or absolute)
+      "stores": ["mw5.zarr"],              # paths relative to this file (or absolute), or
+                                           # {"path": "a.zarr", "weight": 0.7} objects
       "proprio_keys": ["state"],           # low-dim observation keys, concatenated
       "action_keys": ["action"],           # action keys, concatenated
       "image_keys": [],                    # camera keys, e.g. ["image_agentview"]
@@ -10,7 +11,9 @@
       "include_failures": false            # train on episodes flagged unsuccessful too
     }
 
-Several stores merge into one dataset; tasks with the same name are the same task.
+Several stores merge into one dataset; tasks with the same name are the same task. A store
+listed with a ``weight`` is a mixture component: the weights (normalised) are the probabilities
+that a training sequence's query comes from each store, whatever the stores' sizes.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class DatasetSpec:
     train_split: float = 0.9
     task_names: tuple[str, ...] | None = None
     include_failures: bool = False
+    # per-store sampling weights (None: sequences in proportion to each store's data)
+    weights: tuple[float, ...] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetSpec:
@@ -70,6 +75,27 @@ class DatasetSpec:
                 f"Dataset JSON '{path}' has unknown field(s) {', '.join(unknown)}; known fields "
                 f"are {', '.join(sorted(_FIELDS))}."
             )
+        entries = d.get("stores")
+        weights: list[float | None] = []
+        if isinstance(entries, list):
+            paths = []
+            for e in entries:
+                if isinstance(e, dict):
+                    w = e.get("weight")
+                    bad_w = w is not None and (isinstance(w, bool) or not isinstance(
+                        w, (int, float)) or not w > 0)
+                    if not isinstance(e.get("path"), str) or set(e) - {"path", "weight"} or bad_w:
+                        raise UserError(
+                            f"Dataset JSON '{path}': a store entry must be a path or "
+                            f'{{"path": ..., "weight": W > 0}}, got {json.dumps(e)}.')
+                    paths.append(e["path"])
+                    weights.append(None if w is None else float(w))
+                else:
+                    paths.append(e)
+                    weights.append(None)
+            d["stores"] = paths
+        if any(w is not None for w in weights) and any(w is None for w in weights):
+            raise UserError(f"Dataset JSON '{path}': give every store a weight, or none.")
         for name in ("stores", "proprio_keys", "action_keys", "image_keys", "task_names"):
             value = d.get(name)
             if value is not None and not (
@@ -103,6 +129,7 @@ class DatasetSpec:
             train_split=float(split),
             task_names=tuple(tasks) if tasks else None,
             include_failures=bool(d.get("include_failures", False)),
+            weights=tuple(float(w) for w in weights if w is not None) or None,
         )
 
     def open_stores(self) -> list[EpisodeStore]:
