@@ -388,3 +388,61 @@ def test_frames_from_memory_equal_frames_from_store(dataset_json):
     assert in_memory._frames is not None and from_store._frames is None
     for i in range(0, len(in_memory), 9):
         assert torch.equal(in_memory[i]["image_cam"], from_store[i]["image_cam"])
+
+
+def test_dagger_store_keeps_successes_and_supervises_only_corrected_steps(tmp_path, caplog):
+    from test_train import tiny_args
+
+    from icrt.config import parse_config
+    from icrt.models.policy import ICRTPolicy
+    from icrt.train.loop import policy_spec
+
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create(tmp_path / "dagger.zarr")
+    sources = []
+    for e, success in enumerate((True, False, True, True)):
+        n = 20
+        source = (rng.random(n) < 0.6).astype(np.int8)  # 1: the policy acted, 0: corrected
+        sources.append(source)
+        # the state encodes (episode, step) so every window step can be traced back
+        state = np.stack([np.full(n, e), np.arange(n), np.zeros(n)], 1).astype(np.float32)
+        store.add_episode({"state": state,
+                           "action": rng.normal(size=(n, 2)).astype(np.float32),
+                           "step_source": source}, task="t", success=success, source=1)
+    store.close()
+    path = tmp_path / "dagger.json"
+    write_dataset_json(path, stores=[tmp_path / "dagger.zarr"], proprio_keys=["state"],
+                       action_keys=["action"], train_split=1.0, include_failures=True)
+    with caplog.at_level("INFO"):
+        cfg = parse_config(tiny_args(path, tmp_path / "run", "--shared-cfg.seq-length", "24",
+                                     "--dataset-cfg.non-overlapping", "1",
+                                     "--dataset-cfg.proprio-norm", "none",
+                                     "--dataset-cfg.proprio-noise", "0"))
+        ds = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, "train")
+    assert sorted(e.index for e in ds.episodes) == [0, 2, 3]  # the failure is left out
+    corrected = sum(int((sources[i] == 0).sum()) for i in (0, 2, 3))
+    assert f"DAgger dataset (per-step source), 3 successful episodes of 4 / 60 steps kept; " \
+           f"loss on the {corrected} corrected steps only" in caplog.text
+    for i in range(0, len(ds), 7):  # loss exactly on the corrected steps
+        it = ds[i]
+        e, t = it["proprio"][:, 0].long().numpy(), it["proprio"][:, 1].long().numpy()
+        want = np.array([sources[a][b] == 0 for a, b in zip(e, t, strict=True)])
+        np.testing.assert_array_equal(it["loss_mask"].numpy(), want)
+    item = ds[0]
+    # the loss ignores the targets of the policy's steps, and only those
+    model = ICRTPolicy(cfg.model_cfg, policy_spec(ds, cfg)).train()
+    batch = {k: v[None] for k, v in item.items()}
+    torch.manual_seed(0)
+    base = model(batch)["loss"]
+    changed = dict(batch)
+    chunk = batch["action_chunk"].clone()
+    chunk[0, ~batch["loss_mask"][0]] += 5.0
+    changed["action_chunk"] = chunk
+    torch.manual_seed(0)
+    assert torch.allclose(model(changed)["loss"], base)
+    chunk = batch["action_chunk"].clone()
+    chunk[0, batch["loss_mask"][0]] += 5.0
+    changed["action_chunk"] = chunk
+    torch.manual_seed(0)
+    assert not torch.allclose(model(changed)["loss"], base)
+    assert 0 < int(item["loss_mask"].sum()) < 24

@@ -23,6 +23,8 @@ Each item is a dict of tensors (T = seq_length, K = num_pred_steps)::
     action_mask    (T, K) bool      False where the chunk runs past the episode end
     prompt_mask    (T,) bool        True for prompt steps
     weighted_step  (T,) bool        the first num_weighted_steps steps of each query trajectory
+    loss_mask      (T,) bool        False on steps the policy acted on in a DAgger store
+                                    (key ``step_source``), which stay in context without loss
     episode_start  (T,) bool        first step of a trajectory
     task, episode  (T,) int64       task index (into ``dataset.tasks``) and episode index
 
@@ -51,6 +53,10 @@ from icrt.errors import UserError
 from icrt.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+# A store key of per-step sources (int8, (T,)): 0 a human/expert action, 1 the policy's own.
+STEP_SOURCE = "step_source"
+SOURCE_POLICY = 1
 
 
 @dataclass(frozen=True)
@@ -205,18 +211,39 @@ class SequenceDataset(torch.utils.data.Dataset):
         eps = []
         for si, s in enumerate(stores):
             names, lengths = s.episode_task_names, s.episode_lengths
+            dagger = STEP_SOURCE in s.keys
+            kept = []
             for i in range(s.num_episodes):
                 if wanted and names[i] not in wanted:
                     continue
-                if not self.spec.include_failures and not s.episode_success[i]:
+                # a DAgger store trains on its successful episodes only (LeRobot's rule)
+                if (dagger or not self.spec.include_failures) and not s.episode_success[i]:
                     continue
-                eps.append(EpisodeRef(si, i, names[i], int(lengths[i])))
+                kept.append(EpisodeRef(si, i, names[i], int(lengths[i])))
+            if self.split == "train":
+                self._log_store(s, kept, dagger)
+            eps += kept
         if not eps:
             raise UserError(
                 f"'{self.spec.path}' has no usable episodes (tasks {list(wanted or known)}, "
                 f"failures {'included' if self.spec.include_failures else 'excluded'})."
             )
         return eps
+
+    @staticmethod
+    def _log_store(store: EpisodeStore, kept: list[EpisodeRef], dagger: bool) -> None:
+        steps = sum(e.length for e in kept)
+        if not dagger:
+            log.info("store %s: demonstrations, %d episodes / %d steps, every step supervised",
+                     store.path, len(kept), steps)
+            return
+        source = store.load(STEP_SOURCE).reshape(-1)
+        starts = store.episode_starts
+        corrected = sum(int(np.sum(source[starts[e.index]:starts[e.index] + e.length]
+                                   != SOURCE_POLICY)) for e in kept)
+        log.info("store %s: DAgger dataset (per-step source), %d successful episodes of %d / "
+                 "%d steps kept; loss on the %d corrected steps only", store.path, len(kept),
+                 store.num_episodes, steps, corrected)
 
     @staticmethod
     def _fraction(episodes: list[EpisodeRef], fraction: float) -> list[EpisodeRef]:
@@ -301,6 +328,10 @@ class SequenceDataset(torch.utils.data.Dataset):
 
         proprio_raw = gather(spec.proprio_keys)
         action_raw = gather(spec.action_keys)
+        # DAgger stores: steps the policy acted on stay in the context but carry no loss
+        self._policy_step = np.concatenate([
+            s.load(STEP_SOURCE).reshape(-1) == SOURCE_POLICY if STEP_SOURCE in s.keys
+            else np.zeros(s.num_steps, bool) for s in stores])
         self.proprio_dim = proprio_raw.shape[1]
         self.action_dim = action_raw.shape[1]
         self.image_keys = spec.image_keys
@@ -483,6 +514,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             "action_mask": torch.from_numpy(valid),
             "prompt_mask": torch.from_numpy(prompt_mask),
             "weighted_step": torch.from_numpy(weighted),
+            "loss_mask": torch.from_numpy(~self._policy_step[rows]),
             "episode_start": torch.from_numpy(t == 0),
             "task": torch.from_numpy(self._task_index[ep]),
             "episode": torch.from_numpy(ep),

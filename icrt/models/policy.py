@@ -131,6 +131,8 @@ class ICRTPolicy(nn.Module):
             weight = weight + (self.cfg.step_weight - 1.0) * batch["weighted_step"].reshape(-1)
         if self.cfg.no_prompt_loss:
             weight = weight * (~batch["prompt_mask"]).reshape(-1)
+        if "loss_mask" in batch:  # DAgger: no loss on the policy's own steps
+            weight = weight * batch["loss_mask"].reshape(-1)
         weight = weight * mask.any(-1)  # a chunk entirely past the episode end teaches nothing
         keep = weight > 0
         n = keep.sum()
