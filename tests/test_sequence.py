@@ -446,3 +446,20 @@ def test_dagger_store_keeps_successes_and_supervises_only_corrected_steps(tmp_pa
     torch.manual_seed(0)
     assert not torch.allclose(model(changed)["loss"], base)
     assert 0 < int(item["loss_mask"].sum()) < 24
+
+
+def test_comma_separated_dataset_jsons_combine(tmp_path):
+    _make_store(tmp_path / "one.zarr", n_per_task=(3, 3, 3))
+    _make_store(tmp_path / "two.zarr", n_per_task=(2, 2, 2))
+    for name in ("one", "two"):
+        write_dataset_json(tmp_path / f"{name}.json", stores=[tmp_path / f"{name}.zarr"],
+                           proprio_keys=["state"], action_keys=["action"], train_split=1.0)
+    both = f"{tmp_path / 'one.json'},{tmp_path / 'two.json'}"
+    spec = DatasetSpec.load(both)
+    assert [p.name for p in spec.stores] == ["one.zarr", "two.zarr"]
+    ds = SequenceDataset(*_cfgs(both, seq_length=10))
+    assert len(ds.episodes) == 15 and {e.store for e in ds.episodes} == {0, 1}
+    write_dataset_json(tmp_path / "other.json", stores=[tmp_path / "two.zarr"],
+                       proprio_keys=["action"], action_keys=["action"], train_split=1.0)
+    with pytest.raises(UserError, match="differ in proprio_keys"):
+        DatasetSpec.load(f"{tmp_path / 'one.json'},{tmp_path / 'other.json'}")

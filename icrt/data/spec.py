@@ -54,7 +54,12 @@ class DatasetSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetSpec:
-        """Read and validate a dataset JSON; every problem is one sentence naming the file."""
+        """Read and validate a dataset JSON; every problem is one sentence naming the file.
+        Several comma-separated JSONs (``a.json,b.json``, as LeRobot's ``--repo-ids a,b``)
+        combine into one dataset: their stores are merged (with their weights, if every file
+        gives them) and keys, split and failure setting must agree."""
+        if isinstance(path, str) and "," in path:
+            return cls._combine([cls.load(p.strip()) for p in path.split(",") if p.strip()])
         path = Path(path)
         if not path.is_file():
             raise UserError(
@@ -130,6 +135,33 @@ class DatasetSpec:
             task_names=tuple(tasks) if tasks else None,
             include_failures=bool(d.get("include_failures", False)),
             weights=tuple(float(w) for w in weights if w is not None) or None,
+        )
+
+    @classmethod
+    def _combine(cls, specs: list[DatasetSpec]) -> DatasetSpec:
+        first = specs[0]
+        for other in specs[1:]:
+            for name in ("proprio_keys", "action_keys", "image_keys", "train_split",
+                         "include_failures"):
+                if getattr(other, name) != getattr(first, name):
+                    raise UserError(
+                        f"Dataset JSONs '{first.path}' and '{other.path}' differ in {name} "
+                        f"({getattr(first, name)} vs {getattr(other, name)}); only datasets of "
+                        f"the same layout combine."
+                    )
+        weighted = [s.weights is not None for s in specs]
+        if any(weighted) and not all(weighted):
+            raise UserError("Combine dataset JSONs that all give store weights, or none do.")
+        tasks = [s.task_names for s in specs]
+        return cls(
+            path=first.path,
+            stores=tuple(p for s in specs for p in s.stores),
+            proprio_keys=first.proprio_keys, action_keys=first.action_keys,
+            image_keys=first.image_keys, train_split=first.train_split,
+            task_names=None if any(t is None for t in tasks)
+            else tuple(dict.fromkeys(t for ts in tasks for t in ts)),  # type: ignore[union-attr]
+            include_failures=first.include_failures,
+            weights=tuple(w for s in specs for w in s.weights) if all(weighted) else None,
         )
 
     def open_stores(self) -> list[EpisodeStore]:
