@@ -310,6 +310,17 @@ def test_icrt_hdf5_conversion_keeps_numbers_tasks_frames_and_rotations(tmp_path)
     assert spec.proprio_keys == ("cartesian_position", "gripper_position")
     assert spec.action_keys == ("action_cartesian_position", "action_gripper_position")
     assert spec.image_keys == ("image_exterior_image_1_left", "image_wrist_image_left")
+    # ICRT's task_grouping travels into our dataset JSON
+    (tmp_path / "grouping.json").write_text(json.dumps(
+        {"tasks": {"pick": ["pick the tiger"], "open": ["open the drawer"]},
+         "ratios": {"pick": 1.5, "open": 0.5}}))
+    grouped = tmp_path / "grouped.json"
+    grouped.write_text(json.dumps({**json.loads(src.read_text()),
+                                   "task_grouping": "grouping.json"}))
+    convert(ConvertConfig(format="icrt", input=str(grouped), out=str(tmp_path / "g.zarr")),
+            progress=False)
+    assert DatasetSpec.load(tmp_path / "g.json").task_ratios == {"pick the tiger": 1.5,
+                                                                 "open the drawer": 0.5}
     # resized on the way in
     small = tmp_path / "small.zarr"
     convert(ConvertConfig(format="icrt", input=str(src), out=str(small), image_size=8,

@@ -463,3 +463,30 @@ def test_comma_separated_dataset_jsons_combine(tmp_path):
                        proprio_keys=["action"], action_keys=["action"], train_split=1.0)
     with pytest.raises(UserError, match="differ in proprio_keys"):
         DatasetSpec.load(f"{tmp_path / 'one.json'},{tmp_path / 'other.json'}")
+
+
+def test_icrt_episode_filters_min_demos_and_task_grouping(tmp_path, caplog):
+    _make_store(tmp_path / "s.zarr", n_per_task=(6, 4, 5), lengths=(7, 13))
+    path = tmp_path / "d.json"
+    write_dataset_json(path, stores=[tmp_path / "s.zarr"], proprio_keys=["state"],
+                       action_keys=["action"], train_split=1.0)
+    ds = SequenceDataset(*_cfgs(path, seq_length=10, min_episode_length=10,
+                                max_episode_length=12))
+    assert ds.episodes and all(10 <= e.length <= 12 for e in ds.episodes)
+    with caplog.at_level("INFO"):
+        ds = SequenceDataset(*_cfgs(path, seq_length=10, min_demos=5))
+    assert TASKS[1] not in {e.task for e in ds.episodes} and "fewer than 5" in caplog.text
+    # ICRT's task_grouping: the groups' ratios scale each task's episodes per epoch
+    (tmp_path / "grouping.json").write_text(json.dumps(
+        {"tasks": {"many": [TASKS[0]], "few": [TASKS[1], TASKS[2]]},
+         "ratios": {"many": 2.0, "few": 0.5}}))
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps({**body, "task_grouping": "grouping.json"}))
+    ds = SequenceDataset(*_cfgs(path, seq_length=10))
+    occ = ds._plan(0).occ_episode
+    per_task = {t: sum(ds.episodes[i].task == t for i in occ) for t in TASKS}
+    median = 5  # episodes per task: 6, 4, 5
+    assert per_task == {TASKS[0]: 2 * median, TASKS[1]: median // 2, TASKS[2]: median // 2}
+    (tmp_path / "grouping.json").write_text(json.dumps({"groups": {}}))
+    with pytest.raises(UserError, match="task_grouping file .* is unreadable"):
+        DatasetSpec.load(path)

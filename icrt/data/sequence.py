@@ -163,6 +163,14 @@ class SequenceDataset(torch.utils.data.Dataset):
             fixed = {si: set(int(i) for i in st.attrs["valid_episodes"])
                      for si, st in enumerate(stores) if "valid_episodes" in st.attrs}
             splits = split_episodes(all_eps, self.spec.train_split, self.seed, fixed)
+        if dataset_cfg.min_demos > 1:  # ICRT's min_demos: drop tasks with too few episodes
+            counts = {t: sum(e.task == t for e in splits["train"]) for t in
+                      {e.task for e in all_eps}}
+            few = sorted(t for t, n in counts.items() if n < dataset_cfg.min_demos)
+            if few:
+                log.info("leaving out %d task(s) with fewer than %d training episodes: %s",
+                         len(few), dataset_cfg.min_demos, ", ".join(few))
+                splits = {k: [e for e in v if e.task not in few] for k, v in splits.items()}
         self.splits = splits
         episodes = splits[split]
         if split == "train" and dataset_cfg.dataset_fraction < 1.0:
@@ -218,6 +226,9 @@ class SequenceDataset(torch.utils.data.Dataset):
                     continue
                 # a DAgger store trains on its successful episodes only (LeRobot's rule)
                 if (dagger or not self.spec.include_failures) and not s.episode_success[i]:
+                    continue
+                if not self.cfg.min_episode_length <= lengths[i] <= (
+                        self.cfg.max_episode_length or lengths[i]):
                     continue
                 kept.append(EpisodeRef(si, i, names[i], int(lengths[i])))
             if self.split == "train":
@@ -410,7 +421,11 @@ class SequenceDataset(torch.utils.data.Dataset):
         for gi in rng.permutation(len(self._groups)):
             group = self._groups[gi]
             if rebalance is not None:
-                chosen = group[rng.choice(len(group), rebalance, replace=len(group) < rebalance)]
+                n = rebalance
+                if self.spec.task_ratios and self.split == "train":  # ICRT's task_grouping
+                    task = self.tasks[self._task_index[group[0]]]
+                    n = max(1, int(rebalance * self.spec.task_ratios.get(task, 1.0)))
+                chosen = group[rng.choice(len(group), n, replace=len(group) < n)]
             else:
                 chosen = group[rng.permutation(len(group))]
             repeats = rng.integers(1, cfg.num_repeat_traj + 1, size=len(chosen))

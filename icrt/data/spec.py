@@ -36,6 +36,7 @@ _FIELDS = {
     "task_names",
     "include_failures",
     "description",
+    "task_grouping",
 }
 
 
@@ -51,6 +52,8 @@ class DatasetSpec:
     include_failures: bool = False
     # per-store sampling weights (None: sequences in proportion to each store's data)
     weights: tuple[float, ...] | None = None
+    # ICRT's task_grouping: task -> factor on its episodes per epoch (None: all equal)
+    task_ratios: dict[str, float] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetSpec:
@@ -125,6 +128,9 @@ class DatasetSpec:
             if not s.exists():
                 raise UserError(f"Dataset JSON '{path}' lists store '{s}', which does not exist.")
         tasks = d.get("task_names")
+        ratios = None
+        if d.get("task_grouping"):
+            ratios = _task_ratios(path, d["task_grouping"])
         return cls(
             path=path,
             stores=stores,
@@ -135,6 +141,7 @@ class DatasetSpec:
             task_names=tuple(tasks) if tasks else None,
             include_failures=bool(d.get("include_failures", False)),
             weights=tuple(float(w) for w in weights if w is not None) or None,
+            task_ratios=ratios,
         )
 
     @classmethod
@@ -162,6 +169,7 @@ class DatasetSpec:
             else tuple(dict.fromkeys(t for ts in tasks for t in ts)),  # type: ignore[union-attr]
             include_failures=first.include_failures,
             weights=tuple(w for s in specs for w in s.weights) if all(weighted) else None,
+            task_ratios={t: r for s in specs for t, r in (s.task_ratios or {}).items()} or None,
         )
 
     def open_stores(self) -> list[EpisodeStore]:
@@ -181,6 +189,33 @@ class DatasetSpec:
                     f"Key '{key}' declares different rotations across the stores of '{self.path}'."
                 )
         return stores
+
+
+def _task_ratios(path: Path, grouping: Any) -> dict[str, float]:
+    """ICRT's task_grouping file ({"tasks": {group: [task, ...]}, "ratios": {group: r}}) as a
+    factor per task on the episodes it contributes per epoch: the group's ratio, or without
+    ratios the mean group size over its own (every group then weighs the same)."""
+    if not isinstance(grouping, str):
+        raise UserError(f"Dataset JSON '{path}': task_grouping must be a file path.")
+    file = Path(grouping)
+    file = file if file.is_absolute() else path.parent / file
+    try:
+        body = json.loads(file.read_text())
+        groups = {str(g): list(ts) for g, ts in body["tasks"].items()}
+        ratios = body.get("ratios")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            AttributeError) as e:
+        raise UserError(f"task_grouping file '{file}' (named in '{path}') is unreadable or "
+                        f"lacks {{\"tasks\": {{group: [tasks]}}}} ({type(e).__name__}).") from None
+    mean = sum(len(v) for v in groups.values()) / max(1, len(groups))
+    out: dict[str, float] = {}
+    for g, ts in groups.items():
+        if ratios is not None and g not in ratios:
+            raise UserError(f"task_grouping file '{file}' gives no ratio for group '{g}'.")
+        factor = float(ratios[g]) if ratios is not None else mean / max(1, len(ts))
+        for t in ts:
+            out[t] = factor
+    return out
 
 
 def icrt_dataset_json(path: str | Path, poll_seconds: float = 2.0,

@@ -74,6 +74,7 @@ class Layout:
     key_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     has_split: bool = False  # the source declares validation episodes
     train_split: float = 0.9  # the dataset JSON's, where the source has no split of its own
+    task_grouping: str | None = None  # ICRT's task_grouping file, carried into the JSON
 
 
 class Reader(Protocol):
@@ -132,7 +133,9 @@ def _write_json(path: Path, layout: Layout) -> None:
     write_dataset_json(path.with_suffix(".json"), stores=[path],
                        proprio_keys=layout.proprio_keys, action_keys=layout.action_keys,
                        image_keys=layout.image_keys,
-                       train_split=1.0 if layout.has_split else layout.train_split)
+                       train_split=1.0 if layout.has_split else layout.train_split,
+                       **({"task_grouping": layout.task_grouping} if layout.task_grouping
+                          else {}))
 
 
 def convert(cfg: ConvertConfig, progress: bool = True) -> dict[str, Any]:

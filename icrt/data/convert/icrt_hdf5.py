@@ -159,6 +159,8 @@ class IcrtReader:
                  "image_size": size or 0, "icrt_dataset": str(self.path.resolve())},
             fps=float(fps) if fps else None, key_meta=key_meta,
             train_split=float(self.spec.get("train_split", 0.9)),
+            task_grouping=(str(self._find(self.spec["task_grouping"]).resolve())
+                           if self.spec.get("task_grouping") else None),
         )
 
     def is_valid(self, i: int) -> bool:
