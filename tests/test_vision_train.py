@@ -63,3 +63,26 @@ def test_train_on_cached_features(image_json, tmp_path):
                                      "--model-cfg.vision-encoder-cfg.vision-image-size", "48")),
               progress=False)
     assert torch.is_grad_enabled()
+
+
+def test_groupnorm_resnet_trains_end_to_end_and_reloads(image_json, tmp_path):
+    from icrt.models.encoders.vision import VisionEncoder
+
+    args = ["--model-cfg.vision-encoder-cfg.vision-encoder", "resnet18",
+            "--model-cfg.vision-encoder-cfg.vision-nonpretrained",
+            "--model-cfg.vision-encoder-cfg.vision-unfreeze-all",
+            "--model-cfg.vision-encoder-cfg.vision-group-norm",
+            "--model-cfg.vision-encoder-cfg.vision-image-size", "32",
+            *VISION[5:]]
+    cfg = parse_config(tiny_args(image_json, tmp_path / "gn", *args))
+    run = train(cfg, progress=False)
+    policy = InContextPolicy.from_checkpoint(run)
+    enc = policy.model.state_encoder.vision
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in enc.modules())
+    start = VisionEncoder(cfg.model_cfg.vision_encoder_cfg)  # the same seeded random init
+    assert enc.weights_fingerprint() != start.weights_fingerprint()  # the encoder trained
+    store = EpisodeStore.open(image_json.parent / "img.zarr")
+    policy.prompt([store.episode(0)])
+    ep = store.episode(5)
+    action = policy.act({"state": ep["state"][0], "image_cam": ep["image_cam"][0]})
+    assert action.shape == (2,) and np.isfinite(action).all()
