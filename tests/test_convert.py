@@ -373,3 +373,47 @@ def test_an_icrt_dataset_json_given_to_training_is_converted_once(tmp_path, capl
     item = data[0]
     assert item["image_wrist_image_left"].shape == (16, 12, 16, 3)
     assert item["proprio"].shape == (16, 10)  # xyz + Euler as 6-D rotation (declared) + gripper
+
+
+def test_kill_9_mid_conversion_then_resume_equals_one_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    eps = [{"actions": rng.normal(size=(30, 7)), "rewards": np.r_[np.zeros(29), 1.0],
+            "states": np.zeros((30, 3)), "proprio": rng.normal(size=(30, 9)),
+            "object": rng.normal(size=(30, 10)),
+            "agentview": rng.integers(0, 256, (30, 24, 24, 3), dtype=np.uint8)}
+           for _ in range(40)]
+    src = tmp_path / "many.hdf5"
+    write_robomimic(src, eps, valid=(5, 33))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert.py"
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, str(script), "--format", "robomimic", "--input",
+                             str(src), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if EpisodeStore.open(out, check=False).num_episodes >= 3:
+                break
+        except UserError:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = EpisodeStore.open(out).num_episodes
+    assert 3 <= killed_at < 40  # killed mid-way, its committed episodes intact
+    convert(ConvertConfig(format="robomimic", input=str(src), out=str(out), resume=True),
+            progress=False)
+    whole = tmp_path / "whole.zarr"
+    convert(ConvertConfig(format="robomimic", input=str(src), out=str(whole)), progress=False)
+    a, b = EpisodeStore.open(whole), EpisodeStore.open(out)
+    assert a.num_episodes == b.num_episodes == 40
+    assert a.attrs["valid_episodes"] == b.attrs["valid_episodes"] == [5, 33]
+    for key in a.keys:
+        np.testing.assert_array_equal(a.load(key), b.load(key))
+    assert list(a.episode_ends) == list(b.episode_ends)
