@@ -184,6 +184,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.tasks = sorted({e.task for e in all_eps})
         self._task_index = np.array([self.tasks.index(e.task) for e in episodes], np.int64)
         self._ep_len = np.array([e.length for e in episodes], np.int64)
+        self._ep_store = np.array([e.store for e in episodes], np.int64)
 
         self._load_lowdim(stores)
         self._frames = self._load_frames(stores)
@@ -464,7 +465,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         """Resample the epoch's windows so the store of each window's query (its last step)
         follows the dataset JSON's store weights; the epoch keeps its number of windows."""
         last = np.searchsorted(occ_end, starts + self.seq_length - 1, side="right")
-        store = np.array([e.store for e in self.episodes])[occ_episode[last]]
+        store = self._ep_store[occ_episode[last]]
         weights = np.asarray(self.spec.weights, np.float64)
         present = [k for k in range(len(weights)) if np.any(store == k)]
         p = weights[present] / weights[present].sum()

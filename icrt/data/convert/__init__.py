@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -215,6 +215,20 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> dict[str, Any]:
     return {"store": str(out), "episodes": total, "converted_now": converted,
             "steps": steps, "seconds": seconds,
             "episodes_per_min": 60.0 * converted / max(seconds, 1e-9)}
+
+
+def select_names(wanted: tuple[str, ...] | None, have: list[str], flag: str, what: str,
+                 cleanup: Callable[[], None]) -> list[str]:
+    """The names ``--keys`` / ``--cameras`` keep (all of ``have`` when not given), or one
+    sentence naming the first one the source lacks (after ``cleanup``, e.g. closing files)."""
+    if wanted is None:
+        return list(have)
+    missing = [k for k in wanted if k not in have]
+    if missing:
+        cleanup()
+        raise UserError(f"{flag}: '{missing[0]}' is not in {what} "
+                        f"({', '.join(have) or 'none'}).")
+    return list(wanted)
 
 
 def check_same_length(name: str, arrays: Mapping[str, np.ndarray], where: str) -> int:

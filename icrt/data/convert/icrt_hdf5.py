@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 
 from icrt.config import ConvertConfig
-from icrt.data.convert import Episode, Layout, check_same_length, resize_frames
+from icrt.data.convert import (
+    Episode,
+    Layout,
+    check_same_length,
+    resize_frames,
+    select_names,
+)
 from icrt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -99,22 +105,12 @@ class IcrtReader:
         self.proprio = [self._key(k, "observation/") for k in spec["proprio_keys"]]
         self.actions = [self._key(k, "action/") for k in spec["action_keys"]]
         cams = [self._key(k, "observation/") for k in spec.get("image_keys") or []]
-        if cfg.cameras is not None:
-            missing = [c for c in cfg.cameras if c not in [n for _, n in cams]]
-            if missing:
-                self.close()
-                raise UserError(f"--cameras: '{missing[0]}' is not among the image_keys of "
-                                f"'{path}' ({', '.join(n for _, n in cams) or 'none'}).")
-            cams = [c for c in cams if c[1] in cfg.cameras]
-        self.cameras = cams
-        if cfg.keys is not None:
-            names = [n for _, n in self.proprio]
-            missing = [k for k in cfg.keys if k not in names]
-            if missing:
-                self.close()
-                raise UserError(f"--keys: '{missing[0]}' is not among the proprio_keys of "
-                                f"'{path}' ({', '.join(names)}).")
-            self.proprio = [p for p in self.proprio if p[1] in cfg.keys]
+        keep = select_names(cfg.cameras, [n for _, n in cams], "--cameras",
+                            f"the image_keys of '{path}'", self.close)
+        self.cameras = [c for c in cams if c[1] in keep]
+        keep = select_names(cfg.keys, [n for _, n in self.proprio], "--keys",
+                            f"the proprio_keys of '{path}'", self.close)
+        self.proprio = [p for p in self.proprio if p[1] in keep]
         if cfg.render_cameras:
             self.close()
             raise UserError("--render-cameras needs recorded simulator states, which ICRT "
@@ -142,14 +138,19 @@ class IcrtReader:
 
     def layout(self) -> Layout:
         key_meta: dict[str, dict[str, Any]] = {}
-        probe = self.episode(0) if self.num_episodes else None
-        for name in [n for _, n in self.proprio] + [f"action_{n}" for _, n in self.actions]:
-            if probe is not None and "cartesian_position" in name \
-                    and probe.data[name].shape[-1] == 6:
-                key_meta[name] = {"rotation": {"start": 3, "format": "euler_xyz"}}
+        # shapes from the first episode's datasets, without reading (or decoding) its steps
+        fi, name, _ = self.episodes[0] if self.num_episodes else (0, None, None)
+        first = self.files[fi].get(name) if name is not None else None
+        keys = [(s, n) for s, n in self.proprio] + [(s, f"action_{n}") for s, n in self.actions]
+        for src, out in keys:
+            if first is not None and src in first and "cartesian_position" in out \
+                    and first[src].shape[-1] == 6:
+                key_meta[out] = {"rotation": {"start": 3, "format": "euler_xyz"}}
         size = self.cfg.image_size
-        if self.cameras and size is None and probe is not None:
-            size = int(probe.data[f"image_{self.cameras[0][1]}"].shape[1])
+        if self.cameras and size is None and first is not None and self.cameras[0][0] in first:
+            ds = first[self.cameras[0][0]]
+            size = int(ds.shape[1] if ds.ndim == 4 else
+                       self._frames(ds[:1], f"'{name}'", self.cameras[0][0]).shape[1])
         fps = self.spec.get("fps")
         return Layout(
             proprio_keys=[n for _, n in self.proprio],
@@ -201,9 +202,8 @@ class IcrtReader:
         import imageio.v3 as iio
 
         try:  # one encoded image (JPEG/PNG bytes) per step
-            frames = [iio.imread(bytes(np.asarray(buf, dtype=np.uint8).tobytes()
-                                       if not isinstance(buf, bytes) else buf))
-                      for buf in ds[:]]
+            frames = [iio.imread(buf if isinstance(buf, bytes) else np.asarray(buf, np.uint8)
+                                 .tobytes()) for buf in ds[:]]
         except Exception as e:  # noqa: BLE001 - any decoder failure is the same sentence
             raise UserError(f"{where}: camera '{src}' could not be decoded "
                             f"({type(e).__name__}).") from None

@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 
 from icrt.config import ConvertConfig
-from icrt.data.convert import Episode, Layout, check_same_length, resize_frames
+from icrt.data.convert import (
+    Episode,
+    Layout,
+    check_same_length,
+    resize_frames,
+    select_names,
+)
 from icrt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -111,8 +117,11 @@ class RobomimicReader:
                 lowdim.append(key)
             else:
                 log.info("%s: skipping obs key '%s' (%s %s)", path, key, ds.dtype, ds.shape)
-        self.lowdim = self._select(cfg.keys, lowdim, "--keys", "low-dim observation keys")
-        self.cameras = self._select(cfg.cameras, cameras, "--cameras", "cameras")
+        where = f"'{path}'"
+        self.lowdim = select_names(cfg.keys, sorted(lowdim), "--keys",
+                                   f"{where}'s low-dim observation keys", self.close)
+        self.cameras = select_names(cfg.cameras, sorted(cameras), "--cameras",
+                                    f"{where}'s cameras", self.close)
         self.render_cameras = tuple(cfg.render_cameras)
         self.sim_task = robosuite_task(self.env_args)
         if self.render_cameras:
@@ -131,17 +140,6 @@ class RobomimicReader:
         if isinstance(mask, h5py.Group) and "valid" in mask:
             self.valid = {v.decode() if isinstance(v, bytes) else str(v) for v in mask["valid"][:]}
             self.has_split = True
-
-    def _select(self, wanted: tuple[str, ...] | None, have: list[str], flag: str,
-                what: str) -> list[str]:
-        if wanted is None:
-            return sorted(have)
-        missing = [k for k in wanted if k not in have]
-        if missing:
-            self.close()
-            raise UserError(f"{flag}: '{missing[0]}' is not in '{self.path}'; its {what} are "
-                            f"{', '.join(sorted(have)) or 'none'}.")
-        return list(wanted)
 
     def layout(self) -> Layout:
         derived = all(k in self.lowdim for k in PROPRIO_PARTS)
