@@ -231,7 +231,8 @@ def benchmark_batched_inference(
 # ------------------------------------------------------------------------------- data loading
 
 
-def _smooth_frames(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+def _camera_frames(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """Camera-like frames: smooth colour fields plus sensor noise (zstd cannot compress them)."""
     y, x = np.mgrid[0:size, 0:size] / size
     base = np.stack([x, y, (x + y) / 2], -1)[None]  # (1, H, W, 3)
     phase = rng.uniform(0, 1, size=(n, 1, 1, 3))
@@ -239,16 +240,98 @@ def _smooth_frames(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     return (255 * np.clip(0.5 + 0.5 * np.sin(6 * (base + phase)) + noise, 0, 1)).astype(np.uint8)
 
 
+def _rendered_episodes(episodes: int, steps: int, size: int) -> list[dict[str, np.ndarray]]:
+    """Simulator frames: Meta-World pick-place demonstrations by its scripted expert, rendered
+    (software MuJoCo) from the corner camera and the gripper camera."""
+    import os
+
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from icrt.envs.metaworld import MetaWorldEnv, make_metaworld_expert
+
+    env = MetaWorldEnv("pick-place-v3", image_size=size, cameras=("corner", "gripperPOV"))
+    expert = make_metaworld_expert("pick-place-v3")
+    out = []
+    for e in range(episodes):
+        obs = env.reset(seed=e)
+        frames: dict[str, list] = {"corner": [], "gripperPOV": []}
+        for _ in range(steps):
+            for c in frames:
+                frames[c].append(obs[f"image_{c}"])
+            obs, *_ = env.step(expert.act(env, obs))
+        out.append({c: np.stack(v) for c, v in frames.items()})
+    env.close()
+    return out
+
+
+def drop_page_cache(*paths) -> None:
+    """Evict files (or every file under folders) from the OS page cache, so the next read
+    comes from the disk (``posix_fadvise(DONTNEED)``; needs no root)."""
+    import os
+    from pathlib import Path
+
+    for root in map(Path, paths):
+        for f in [root] if root.is_file() else (f for f in root.rglob("*") if f.is_file()):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages cannot be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+class _HDF5Windows(torch.utils.data.Dataset):
+    """ICRT's access pattern: each window read as one slice per trajectory per key from an
+    uncompressed ICRT-layout HDF5 file, opened once per worker."""
+
+    def __init__(self, path, windows: list, names: list[str], keys: tuple[str, ...]) -> None:
+        self.path, self.windows, self.names, self.keys = path, windows, names, keys
+        self.file = None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        import h5py
+
+        if self.file is None:
+            self.file = h5py.File(self.path, "r")
+        eps, ts = self.windows[i]
+        change = np.flatnonzero(np.diff(eps) != 0) + 1
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
+        for a, b in zip([0, *change], [*change, len(eps)], strict=True):
+            g = self.file[self.names[eps[a]]]
+            for k in self.keys:
+                parts[k].append(np.asarray(g[k][ts[a] : ts[b - 1] + 1]))
+        return {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
+
+
+def _loader_rate(dataset, workers: int, files: list, batch_size: int = 8) -> float:
+    """Samples/s of one pass over ``dataset`` through a DataLoader (workers started and files
+    opened in a first pass, the page cache dropped before the timed second pass)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None)
+    for _ in loader:
+        pass
+    drop_page_cache(*files)
+    t0 = time.perf_counter()
+    n = sum(len(next(iter(b.values()))) for b in loader)
+    return n / (time.perf_counter() - t0)
+
+
 def benchmark_data(
     folder: str,
-    episodes: int = 30,
+    episodes: int = 40,
     steps: int = 100,
-    image_size: int = 96,
+    image_size: int = 84,
     seq_length: int = 64,
-    samples: int = 40,
+    samples: int = 400,
+    workers: int = 2,
 ) -> list[dict]:
-    """Sequence-loader samples/s (prompt + query windows, 2 cameras) vs per-step reads of the
-    same windows from an ICRT-layout HDF5 file (and ICRT's per-episode slice reads)."""
+    """Out-of-core sequence loading (page cache dropped before every timed pass) vs ICRT's
+    per-window slice reads of the same windows from an uncompressed ICRT-layout HDF5 file, for
+    rendered simulator frames (Meta-World, reused across episodes) and camera-like frames
+    (noisy, incompressible); plus the in-memory frame cache."""
     from pathlib import Path
 
     import h5py
@@ -258,80 +341,145 @@ def benchmark_data(
     from icrt.data.spec import write_dataset_json
     from icrt.data.store import EpisodeStore
 
-    root = Path(folder)
+    def size_mb(p: Path) -> float:
+        return (p.stat().st_size if p.is_file() else
+                sum(f.stat().st_size for f in p.rglob("*") if f.is_file())) / 1e6
+
+    cams = ("exterior_image_1_left", "wrist_image_left")
+    h5_keys = ("observation/cartesian_position", "action/cartesian_position",
+               *(f"observation/{c}" for c in cams))
+    rows = []
+    rendered = _rendered_episodes(min(episodes, 4), steps, image_size)
+    for kind in ("simulator", "camera-like"):
+        root = Path(folder) / kind
+        root.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        store = EpisodeStore.create(root / "bench.zarr", overwrite=True)
+        with h5py.File(root / "bench.hdf5", "w") as h5:
+            for e in range(episodes):
+                ep = {"proprio": rng.normal(size=(steps, 8)).astype(np.float32),
+                      "action": rng.normal(size=(steps, 7)).astype(np.float32)}
+                for c, sim_camera in zip(cams, ("corner", "gripperPOV"), strict=True):
+                    ep[f"image_{c}"] = (rendered[e % len(rendered)][sim_camera]
+                                        if kind == "simulator"
+                                        else _camera_frames(rng, steps, image_size))
+                store.add_episode(ep, task=f"task{e % 3}")
+                g = h5.create_group(f"episode_{e}")
+                g["observation/cartesian_position"] = ep["proprio"]
+                g["action/cartesian_position"] = ep["action"]
+                for c in cams:
+                    g[f"observation/{c}"] = ep[f"image_{c}"]
+        store.close()
+        write_dataset_json(root / "bench.json", stores=[root / "bench.zarr"],
+                           proprio_keys=["proprio"], action_keys=["action"],
+                           image_keys=[f"image_{c}" for c in cams], train_split=1.0)
+        shared = SharedConfig(seq_length=seq_length, num_pred_steps=4)
+        cached = SequenceDataset(DatasetConfig(dataset_json=str(root / "bench.json")), shared)
+        lazy = SequenceDataset(DatasetConfig(dataset_json=str(root / "bench.json"),
+                                             image_cache_gb=0.0), shared)
+        order = [int(i) for i in rng.permutation(len(lazy))[:samples]]
+        plan = lazy._plan(0)
+        windows = []
+        for i in order:  # the same windows for every loader
+            s = int(plan.starts[i * len(plan.starts) // len(lazy)])
+            pos = np.arange(s, s + seq_length)
+            occ = np.searchsorted(plan.occ_end, pos, side="right")
+            windows.append((plan.occ_episode[occ], pos - plan.occ_start[occ]))
+        h5 = _HDF5Windows(root / "bench.hdf5", windows,
+                          [f"episode_{e.index}" for e in lazy.episodes], h5_keys)
+        zarr_files, h5_files = [root / "bench.zarr"], [root / "bench.hdf5"]
+        sub = torch.utils.data.Subset
+        part = [
+            ("icrt, frames in memory (image cache)", sub(cached, order), 0, zarr_files),
+            ("icrt, out of core, 1 process", sub(lazy, order), 0, zarr_files),
+            (f"icrt, out of core, {workers} DataLoader workers", sub(lazy, order), workers,
+             zarr_files),
+            ("HDF5 per-window slices (ICRT), 1 process", h5, 0, h5_files),
+            (f"HDF5 per-window slices (ICRT), {workers} DataLoader workers", h5, workers,
+             h5_files),
+        ]
+        for name, ds, w, files in part:
+            rows.append({"frames": kind, "loader": name,
+                         "samples_per_s": _loader_rate(ds, w, files),
+                         "disk_mb": size_mb(files[0])})
+        base = rows[-2]["samples_per_s"]
+        for r in rows[-len(part):]:
+            r["vs_hdf5_slices"] = r["samples_per_s"] / base
+    return rows
+
+
+def benchmark_data_memory(folder: str, gb: float = 10.0, image_size: int = 84,
+                          seq_length: int = 64, samples: int = 2000, workers: int = 2) -> dict:
+    """Loader memory (proportional set size of the process and its DataLoader workers,
+    sampled every 0.2 s) while training windows stream from a store of ``gb`` GB on disk."""
+    import shutil
+    import threading
+    from pathlib import Path
+
+    import psutil
+
+    from icrt.config import DatasetConfig, SharedConfig
+    from icrt.data.sequence import SequenceDataset
+    from icrt.data.spec import write_dataset_json
+    from icrt.data.store import EpisodeStore
+
+    root = Path(folder) / "big"
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    cams = ("exterior_image_1_left", "wrist_image_left")
-    store = EpisodeStore.create(root / "bench.zarr", overwrite=True)
-    h5 = h5py.File(root / "bench.hdf5", "w")
-    for e in range(episodes):
-        ep = {"proprio": rng.normal(size=(steps, 8)).astype(np.float32),
-              "action": rng.normal(size=(steps, 7)).astype(np.float32)}
-        for c in cams:
-            ep[f"image_{c}"] = _smooth_frames(rng, steps, image_size)
-        store.add_episode(ep, task=f"task{e % 3}")
-        g = h5.create_group(f"episode_{e}")
-        g["observation/cartesian_position"] = ep["proprio"]
-        g["action/cartesian_position"] = ep["action"]
-        for c in cams:
-            g[f"observation/{c}"] = ep[f"image_{c}"]
-    store.close()
-    h5.close()
-    write_dataset_json(root / "bench.json", stores=[root / "bench.zarr"], proprio_keys=["proprio"],
-                       action_keys=["action"], image_keys=[f"image_{c}" for c in cams],
-                       train_split=1.0)
-    shared = SharedConfig(seq_length=seq_length, num_pred_steps=4)
-    ds = SequenceDataset(DatasetConfig(dataset_json=str(root / "bench.json")), shared)
-    lazy = SequenceDataset(DatasetConfig(dataset_json=str(root / "bench.json"),
-                                         image_cache_gb=0.0), shared)
-    order = rng.permutation(len(ds))[:samples]
+    pool = _camera_frames(rng, 256, image_size)  # incompressible: disk bytes = frame bytes
+    steps = 500
+    per_episode = 2 * steps * pool[0].nbytes
+    t0 = time.perf_counter()
+    try:
+        with EpisodeStore.create(root / "big.zarr") as store:
+            for e in range(int(np.ceil(gb * 1e9 / per_episode))):
+                store.add_episode({"proprio": rng.normal(size=(steps, 8)).astype(np.float32),
+                                   "action": rng.normal(size=(steps, 7)).astype(np.float32),
+                                   "image_a": pool[rng.integers(0, len(pool), steps)],
+                                   "image_b": pool[rng.integers(0, len(pool), steps)]},
+                                  task=f"task{e % 5}")
+        write_seconds = time.perf_counter() - t0
+        disk_gb = sum(f.stat().st_size for f in (root / "big.zarr").rglob("*")
+                      if f.is_file()) / 1e9
+        n_files = sum(1 for f in (root / "big.zarr").rglob("*") if f.is_file())
+        write_dataset_json(root / "big.json", stores=[root / "big.zarr"],
+                           proprio_keys=["proprio"], action_keys=["action"],
+                           image_keys=["image_a", "image_b"], train_split=1.0)
+        drop_page_cache(root / "big.zarr")
+        ds = SequenceDataset(DatasetConfig(dataset_json=str(root / "big.json"),
+                                           image_cache_gb=0.0),
+                             SharedConfig(seq_length=seq_length, num_pred_steps=4))
+        sampler = torch.utils.data.RandomSampler(ds, num_samples=samples,
+                                                 generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler,
+                                             num_workers=workers, prefetch_factor=4)
+        peak, done = 0.0, threading.Event()
 
-    def ours(dataset: SequenceDataset) -> None:
-        for i in order:
-            dataset[int(i)]
+        def watch() -> None:
+            nonlocal peak
+            me = psutil.Process()
+            while not done.is_set():
+                total = 0
+                for p in [me, *me.children(recursive=True)]:
+                    try:
+                        total += p.memory_full_info().pss
+                    except psutil.Error:
+                        pass
+                peak = max(peak, total / 1e9)
+                time.sleep(0.2)
 
-    plan = ds._plan(0)
-    windows = []
-    for i in order:
-        s = int(plan.starts[int(i) * len(plan.starts) // len(ds)])
-        pos = np.arange(s, s + seq_length)
-        occ = np.searchsorted(plan.occ_end, pos, side="right")
-        windows.append((plan.occ_episode[occ], pos - plan.occ_start[occ]))
-    names = [f"episode_{e.index}" for e in ds.episodes]
-
-    def per_step(f: h5py.File) -> None:
-        for eps, ts in windows:
-            for e, t in zip(eps, ts, strict=True):
-                g = f[names[e]]
-                np.asarray(g["observation/cartesian_position"][t])
-                np.asarray(g["action/cartesian_position"][t])
-                for c in cams:
-                    np.asarray(g[f"observation/{c}"][t])
-
-    def per_slice(f: h5py.File) -> None:
-        for eps, ts in windows:
-            change = np.flatnonzero(np.diff(eps) != 0) + 1
-            for a, b in zip([0, *change], [*change, len(eps)], strict=True):
-                g = f[names[eps[a]]]
-                for key in ("observation/cartesian_position", "action/cartesian_position",
-                            *(f"observation/{c}" for c in cams)):
-                    np.asarray(g[key][ts[a] : ts[b - 1] + 1])
-
-    rows = []
-    with h5py.File(root / "bench.hdf5", "r") as f:
-        for name, fn in (("icrt sequence loader (frames in memory)", lambda: ours(ds)),
-                         ("icrt sequence loader (zarr reads per window)", lambda: ours(lazy)),
-                         ("HDF5 per-step reads", lambda: per_step(f)),
-                         ("HDF5 per-episode slices (ICRT)", lambda: per_slice(f))):
-            fn()  # warm the page cache alike
-            t0 = time.perf_counter()
-            fn()
-            sec = time.perf_counter() - t0
-            rows.append({"loader": name, "samples_per_s": samples / sec})
-    base = rows[2]["samples_per_s"]
-    for r in rows:
-        r["vs_per_step"] = r["samples_per_s"] / base
-    return rows
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        n = sum(len(b["action"]) for b in loader)
+        seconds = time.perf_counter() - t0
+        done.set()
+        thread.join()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"store_gb": disk_gb, "files": n_files, "write_seconds": write_seconds,
+            "samples": n, "samples_per_s": n / seconds, "workers": workers,
+            "peak_loader_memory_gb": peak}
 
 
 # ------------------------------------------------------------------------------- simulation
@@ -351,7 +499,7 @@ def benchmark_convert(folder: str, episodes: int = 40, steps: int = 100,
 
     root = Path(folder)
     rng = np.random.default_rng(0)
-    frames = _smooth_frames(rng, steps, image_size)
+    frames = _camera_frames(rng, steps, image_size)
     with h5py.File(root / "robomimic.hdf5", "w") as f:
         data = f.create_group("data")
         data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {

@@ -229,3 +229,93 @@ def test_write_key_adds_a_column(tmp_path):
     # later episodes must provide the new key too
     with pytest.raises(UserError, match="missing"):
         store.add_episode(_episode(5, 3), task="a")
+
+
+def _frames_store(path, episodes=6, length=70, size=24):
+    store = EpisodeStore.create(path)
+    rng = np.random.default_rng(0)
+    eps = []
+    for _ in range(episodes):
+        ep = {"action": rng.normal(size=(length, 2)).astype(np.float32),
+              "image_cam": rng.integers(0, 255, size=(length, size, size, 3), dtype=np.uint8)}
+        ep["image_cam"][:20] = 0  # all-zero chunks are stored, not left empty
+        store.add_episode(ep, task="t")
+        eps.append(ep)
+    store.write_key("feature_cam", rng.normal(size=(store.num_steps, 3, 4)).astype(np.float32))
+    store.close()
+    return eps
+
+
+def test_frames_are_sharded_and_read_directly_as_zarr_reads_them(tmp_path):
+    path = tmp_path / "s.zarr"
+    _frames_store(path)
+    store = EpisodeStore.open(path)
+    arr = store.array("image_cam")
+    assert arr.shards is not None and arr.shards[0] > arr.chunks[0]  # several chunks per file
+    files = [f for f in (path / "data/image_cam/c").rglob("*") if f.is_file()]
+    assert len(files) == -(-store.num_steps // arr.shards[0])
+    rng = np.random.default_rng(1)
+    for key in ("image_cam", "feature_cam", "action"):
+        full = np.asarray(store.array(key)[: store.num_steps])
+        for _ in range(30):
+            a = int(rng.integers(0, store.num_steps))
+            b = int(rng.integers(a, min(store.num_steps, a + 100) + 1))
+            got = store.read(key, a, b)
+            assert got.dtype == full.dtype and np.array_equal(got, full[a:b]), (key, a, b)
+    assert store._readers["image_cam"] is not None and store._readers["feature_cam"] is not None
+
+
+def test_direct_reads_of_an_unsharded_store(tmp_path):
+    """Stores written before sharding (one zstd chunk per file) read the same way."""
+    path = tmp_path / "s.zarr"
+    store = EpisodeStore.create(path)
+    arr = store._root["data"].create_array(
+        "image_cam", shape=(0, 4, 4, 3), dtype=np.uint8, chunks=(7, 4, 4, 3),
+        compressors=zarr.codecs.ZstdCodec(level=0, checksum=True))
+    store._arrays["data", "image_cam"] = arr
+    frames = np.random.default_rng(0).integers(0, 255, size=(30, 4, 4, 3), dtype=np.uint8)
+    store.add_episode({"image_cam": frames, "action": np.zeros((30, 1), np.float32)}, task="t")
+    store.close()
+    store = EpisodeStore.open(path)
+    assert store.array("image_cam").shards is None
+    assert np.array_equal(store.read("image_cam", 3, 25), frames[3:25])
+    assert store._readers["image_cam"] is not None
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"does not decode at episodes? [0-9-]+ \(.*truncated"),
+    ("flip", r"does not decode at episodes? [0-9-]+ \(.*does not decode"),
+    ("empty", r"does not decode at episodes? [0-9-]+ \(inner chunk .* is empty"),
+    ("index", r"does not decode at episodes? [0-9-]+ \(the shard index .* is corrupted"),
+])
+def test_damaged_shard_is_one_sentence_naming_key_and_episodes(tmp_path, damage, message):
+    path = tmp_path / "s.zarr"
+    _frames_store(path)
+    shard = path / "data/image_cam/c/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    store = EpisodeStore.open(path)
+    per_file = store.array("image_cam").shards[0] // store.array("image_cam").chunks[0]
+    n_index = per_file * 16 + 4
+    index = np.frombuffer(bytes(data[-n_index:-4]), "<u8").reshape(-1, 2).copy()
+    if damage == "truncate":
+        data = data[: len(data) // 2] + data[-n_index:]  # index intact, chunks cut off
+        index_ok = True
+    elif damage == "flip":
+        off, nbytes = index[1]
+        data[int(off + nbytes // 2)] ^= 0xFF
+        index_ok = True
+    elif damage == "empty":
+        index[1] = 2**64 - 1
+        index_ok = False
+    else:
+        data[-10] ^= 0xFF  # the index no longer matches its checksum
+        index_ok = True
+    if not index_ok:
+        from numcodecs.checksum32 import CRC32C
+        data = data[:-n_index] + bytearray(CRC32C().encode(index.tobytes()))
+    shard.write_bytes(bytes(data))
+    store = EpisodeStore.open(path)
+    chunk = int(store.array("image_cam").chunks[0])
+    rows = (store.num_steps - 3, store.num_steps) if damage == "truncate" else (chunk, 2 * chunk)
+    with pytest.raises(UserError, match=r"s\.zarr' is damaged: 'data/image_cam' " + message):
+        store.read("image_cam", *rows)

@@ -575,8 +575,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         return {k: [s.load(k) for s in stores] for k in keys}
 
     def _read_frames(self, key: str, occ: np.ndarray, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Frames of the window, read as one contiguous slice per trajectory occurrence."""
-        parts = []
+        """Frames of the window, read as one contiguous slice per trajectory occurrence
+        straight into the window's array."""
+        out = None
         change = np.flatnonzero(np.diff(occ)) + 1
         for a, b in zip([0, *change], [*change, len(occ)], strict=True):
             e = int(ep[a])
@@ -584,7 +585,14 @@ class SequenceDataset(torch.utils.data.Dataset):
             start = int(self._ep_store_row[e]) + int(t[a])
             stop = int(self._ep_store_row[e]) + int(t[b - 1]) + 1
             if self._frames is not None:
-                parts.append(self._frames[key][ref.store][start:stop])
+                rows = self._frames[key][ref.store][start:stop]
+                if out is None:
+                    out = np.empty((len(occ), *rows.shape[1:]), rows.dtype)
+                out[a:b] = rows
             else:
-                parts.append(self._store(ref.store).read(key, start, stop))
-        return np.concatenate(parts)
+                store = self._store(ref.store)
+                if out is None:
+                    info = store.key_info(key)
+                    out = np.empty((len(occ), *info["shape"]), info["dtype"])
+                store.read(key, start, stop, out=out[a:b])
+        return out
