@@ -638,10 +638,12 @@ class CollectConfig:
 class ConvertConfig:
     """Convert another tool's dataset into an icrt episode store plus its dataset JSON."""
 
-    # Input format: robomimic (an HDF5 file with data/demo_N groups) or icrt (ICRT's dataset
-    # JSON naming DROID-style HDF5 files).
-    format: Literal["robomimic", "icrt"] = "robomimic"
-    # The dataset to convert: the robomimic HDF5 file, or the ICRT dataset JSON.
+    # Input format: robomimic (an HDF5 file with data/demo_N groups), icrt (ICRT's dataset
+    # JSON naming DROID-style HDF5 files) or lerobot (a local LeRobot dataset directory,
+    # codebase v3.0 or v2.x; needs the [convert] extra).
+    format: Literal["robomimic", "icrt", "lerobot"] = "robomimic"
+    # The dataset to convert: the robomimic HDF5 file, the ICRT dataset JSON, or the LeRobot
+    # dataset directory.
     input: str = ""
     # Output store; the dataset JSON is written next to it as NAME.json.
     out: str = "data/converted.zarr"

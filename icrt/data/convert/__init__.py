@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 READERS = {
     "robomimic": "icrt.data.convert.robomimic:RobomimicReader",
     "icrt": "icrt.data.convert.icrt_hdf5:IcrtReader",
+    "lerobot": "icrt.data.convert.lerobot:LeRobotReader",
 }
 
 
