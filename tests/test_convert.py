@@ -373,6 +373,12 @@ def test_an_icrt_dataset_json_given_to_training_is_converted_once(tmp_path, capl
     item = data[0]
     assert item["image_wrist_image_left"].shape == (16, 12, 16, 3)
     assert item["proprio"].shape == (16, 10)  # xyz + Euler as 6-D rotation (declared) + gripper
+    # DROID's absolute pose targets declare their reference: ICRT's delta actions train on them
+    assert store.key_info("action_cartesian_position")["delta_reference"] == {
+        "key": "cartesian_position", "pos_dims": 3}
+    delta = SequenceDataset(DatasetConfig(dataset_json=str(src)),
+                            SharedConfig(seq_length=16, num_pred_steps=2, use_delta_action=True))
+    assert delta.codec.delta is not None and np.isfinite(delta[0]["action_chunk"]).all()
 
 
 def test_kill_9_mid_conversion_then_resume_equals_one_run(tmp_path):

@@ -146,6 +146,12 @@ class IcrtReader:
             if first is not None and src in first and "cartesian_position" in out \
                     and first[src].shape[-1] == 6:
                 key_meta[out] = {"rotation": {"start": 3, "format": "euler_xyz"}}
+        # DROID's action/cartesian_position holds absolute pose targets of the observed pose:
+        # declared, so --shared-cfg.use-delta-action (ICRT's default) can train on deltas
+        pose = [n for _, n in self.proprio if n == "cartesian_position"]
+        if pose and "action_cartesian_position" in key_meta and pose[0] in key_meta:
+            key_meta["action_cartesian_position"]["delta_reference"] = {"key": pose[0],
+                                                                        "pos_dims": 3}
         size = self.cfg.image_size
         if self.cameras and size is None and first is not None and self.cameras[0][0] in first:
             ds = first[self.cameras[0][0]]
