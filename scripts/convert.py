@@ -5,6 +5,8 @@
         --render-cameras agentview robot0_eye_in_hand --image-size 84
     python scripts/convert.py --format icrt --input config/dataset_config.json --out data/mt.zarr \
         --image-size 128
+    python scripts/convert.py --format lerobot --input ~/lerobot/pusht --out data/pusht.zarr \
+        --image-size 96                           # LeRobot v3.0 / v2.x dataset directory
     python scripts/convert.py ... --resume        # continue after the last committed episode
 
 Run with -h for every option.

@@ -14,6 +14,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before robosuite/mujoco are importe
 
 import numpy as np
 import pytest
+import torch
 
 from icrt.config import ConvertConfig, DatasetConfig, SharedConfig
 from icrt.data.convert import convert
@@ -378,7 +379,7 @@ def test_an_icrt_dataset_json_given_to_training_is_converted_once(tmp_path, capl
         "key": "cartesian_position", "pos_dims": 3}
     delta = SequenceDataset(DatasetConfig(dataset_json=str(src)),
                             SharedConfig(seq_length=16, num_pred_steps=2, use_delta_action=True))
-    assert delta.codec.delta is not None and np.isfinite(delta[0]["action_chunk"]).all()
+    assert delta.codec.delta is not None and torch.isfinite(delta[0]["action_chunk"]).all()
 
 
 def test_kill_9_mid_conversion_then_resume_equals_one_run(tmp_path):
