@@ -89,7 +89,7 @@ _MAX_STAT_ROWS = 1_000_000
 _COMPRESSOR = ZstdCodec(level=0, checksum=True)
 # Frames and features are lz4 blocks followed by a CRC32C of the block: on a training window
 # lz4 decodes 2.7 GB/s where checksummed zstd decodes 0.5-1.5 GB/s, for chunks ~1.5x larger
-# (rendered simulator frames still shrink ~5x; noisy camera frames are stored as they are).
+# (rendered Meta-World frames still shrink ~2.7x; noisy camera frames are stored as they are).
 # lz4 is a numcodecs codec outside the zarr v3 spec: zarr warns whenever it meets one
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr",
                         category=UserWarning)
