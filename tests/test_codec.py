@@ -1,6 +1,7 @@
 """One codec for training and serving: the same episode gives the same tokens and targets in
 the training sample and in InContextPolicy, with rotations and delta actions."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,26 @@ def test_delta_checkpoint_serves_absolute_native_actions(pose_json, tmp_path):
         # absolute targets near the current pose, not deltas around zero
         assert np.linalg.norm(action[:3] - ep["proprio"][t][:3]) < 1.0
         assert np.linalg.norm(action[:3]) > 0.2
+
+
+def test_delta_actions_follow_the_data_unless_a_flag_says(pose_json, tmp_path, caplog):
+    from icrt.config import _tristate_flags
+
+    assert _tristate_flags(["--shared-cfg.use-delta-action", "--x"]) == [
+        "--shared-cfg.use-delta-action", "True", "--x"]
+    assert _tristate_flags(["--shared-cfg.no-use-delta-action"]) == [
+        "--shared-cfg.use-delta-action", "False"]
+    assert _tristate_flags(["--shared-cfg.use-delta-action", "False"]) == [
+        "--shared-cfg.use-delta-action", "False"]
+    assert parse_config(tiny_args(pose_json, tmp_path)).shared_cfg.use_delta_action is None
+    # the pose store's action key declares its reference: on, said in the log, in the policy
+    with caplog.at_level("INFO"):
+        run = train(parse_config(tiny_args(pose_json, tmp_path / "auto", "--trainer-cfg.epochs",
+                                           "1")), progress=False)
+    assert "delta actions on: action key 'action' holds absolute pose targets" in caplog.text
+    assert json.loads((run / "config.json").read_text())["shared_cfg"]["use_delta_action"] is None
+    assert InContextPolicy.from_checkpoint(run).spec.use_delta_action is True
+    # the flag wins
+    cfg = parse_config(tiny_args(pose_json, tmp_path / "off", "--shared-cfg.no-use-delta-action"))
+    ds = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, "train", spec=DatasetSpec.load(pose_json))
+    assert cfg.shared_cfg.use_delta_action is False and ds.codec.delta is None

@@ -15,7 +15,7 @@ test checks that both give the same tokens for the same episode.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -31,6 +31,23 @@ from icrt.data.transforms import (
     to_delta_action,
 )
 from icrt.errors import UserError
+
+
+def delta_from_data(proprio_keys: Sequence[str], action_keys: Sequence[str],
+                    key_meta: Mapping[str, Mapping[str, Any]]) -> tuple[bool, str]:
+    """Whether actions should be trained as deltas when no flag says so, and why: yes when the
+    (first) action key declares the observed pose its absolute targets refer to."""
+    if not action_keys:
+        return False, "no action key"
+    akey = action_keys[0]
+    ref = key_meta.get(akey, {}).get("delta_reference")
+    if ref is None:
+        return False, f"action key '{akey}' declares no pose reference, so its actions are " \
+                      f"taken as they are"
+    if ref.get("key") not in proprio_keys:
+        return False, f"action key '{akey}' refers to '{ref.get('key')}', which is not a " \
+                      f"proprio key"
+    return True, f"action key '{akey}' holds absolute pose targets of '{ref['key']}'"
 
 
 @dataclass

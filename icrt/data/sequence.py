@@ -47,7 +47,7 @@ import torch
 from icrt.config import DatasetConfig, SharedConfig
 from icrt.data.spec import DatasetSpec
 from icrt.data.store import EpisodeStore, compute_stats
-from icrt.data.codec import Codec
+from icrt.data.codec import Codec, delta_from_data
 from icrt.data.transforms import Normalizer, identity_stats, pool_stats
 from icrt.errors import UserError
 from icrt.fsutil import atomic_write_text
@@ -147,9 +147,13 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.use_cached_features = use_cached_features
         stores = self.spec.open_stores()
         keys = (*self.spec.proprio_keys, *self.spec.action_keys, *self.spec.image_keys)
-        self.codec = Codec(self.spec.proprio_keys, self.spec.action_keys,
-                           {k: stores[0].key_info(k) for k in keys}, shared_cfg.rot_6d,
-                           shared_cfg.use_delta_action, camera_keys=self.spec.image_keys,
+        key_meta = {k: stores[0].key_info(k) for k in keys}
+        use_delta = shared_cfg.use_delta_action
+        if use_delta is None:  # follow the data
+            use_delta = delta_from_data(self.spec.proprio_keys, self.spec.action_keys,
+                                        key_meta)[0]
+        self.codec = Codec(self.spec.proprio_keys, self.spec.action_keys, key_meta,
+                           shared_cfg.rot_6d, use_delta, camera_keys=self.spec.image_keys,
                            use_cached_features=use_cached_features)
         self._store_paths = [str(p) for p in self.spec.stores]
         self._store_ids = [st.store_id for st in stores]

@@ -22,7 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from icrt.config import ExperimentConfig, save_config
+from icrt.config import ExperimentConfig, SharedConfig, save_config
+from icrt.data.codec import delta_from_data
 from icrt.data.sequence import SequenceDataset
 from icrt.data.spec import DatasetSpec
 from icrt.errors import UserError
@@ -72,7 +73,7 @@ def policy_spec(ds: SequenceDataset, cfg: ExperimentConfig) -> PolicySpec:
         action_keys=tuple(ds.spec.action_keys),
         key_meta=key_meta,
         rot_6d=cfg.shared_cfg.rot_6d,
-        use_delta_action=cfg.shared_cfg.use_delta_action,
+        use_delta_action=ds.codec.use_delta_action,
         tasks=tuple(ds.tasks),
         env=stores[0].env,
     )
@@ -227,6 +228,7 @@ def _build_data(run: _Run) -> None:
     vcfg = cfg.model_cfg.vision_encoder_cfg
     cached = vcfg.use_cached_features
     data_spec = DatasetSpec.load(cfg.dataset_cfg.dataset_json)
+    _log_delta_action(scfg, data_spec)
     if cached and data_spec.image_keys:
         from icrt.models.encoders.features import check_cached_features
 
@@ -256,6 +258,21 @@ def _build_data(run: _Run) -> None:
                                         num_workers=tcfg.num_workers, pin_memory=_pin(run))
         except UserError as e:
             log.warning("no validation loss: %s", e)
+
+
+def _log_delta_action(scfg: SharedConfig, data_spec: DatasetSpec) -> None:
+    """Say whether actions train as deltas, and why (the flag, or what the data declares; the
+    datasets decide the same way, and the checkpoint's policy spec records it)."""
+    if scfg.use_delta_action is not None:
+        log.info("delta actions %s (--shared-cfg.%suse-delta-action)",
+                 "on" if scfg.use_delta_action else "off", "" if scfg.use_delta_action else "no-")
+        return
+    store = data_spec.open_stores()[0]
+    keys = (*data_spec.proprio_keys, *data_spec.action_keys)
+    on, why = delta_from_data(data_spec.proprio_keys, data_spec.action_keys,
+                              {k: store.key_info(k) for k in keys})
+    log.info("delta actions %s: %s (--shared-cfg.%suse-delta-action to change it)",
+             "on" if on else "off", why, "no-" if on else "")
 
 
 def _pin(run: _Run) -> bool:
