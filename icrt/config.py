@@ -147,8 +147,9 @@ class PolicyConfig:
     # config/model_config/small.json (ICRT's 768x12). Relative paths that do not exist in the
     # working directory are looked up in the icrt source tree.
     scratch_llama_config: str | None = None
-    # Directory of a pretrained Llama checkpoint (params.json + consolidated.*.pth),
-    # fine-tuned with LoRA; used when no scratch config is given.
+    # Directory of a pretrained Llama checkpoint, Meta's layout (params.json +
+    # consolidated.00.pth) or Hugging Face's (config.json + model*.safetensors, e.g.
+    # Llama-2-7b-hf, TinyLlama, SmolLM); used when no scratch config is given.
     llama_ckpt_dir: str | None = None
     # pretrain: train every backbone weight; finetune: train LoRA/bias/norm only.
     phase: Literal["pretrain", "finetune"] = "pretrain"
@@ -341,9 +342,13 @@ class SharedConfig:
     keep_last: int = 3
     # Actions predicted per state token (the action chunk length).
     num_pred_steps: int = 16
-    # Predict actions relative to the current pose (needs an action key that declares its
-    # pose reference; see docs/data.md).
-    use_delta_action: bool = False
+    # Predict actions relative to the current pose, as ICRT does (translation in the end-effector
+    # frame, relative rotation, gripper absolute; see docs/data.md). Default: follow the data,
+    # on when the action key holds absolute pose targets and declares the pose they refer to
+    # (delta_reference, e.g. converted ICRT/DROID data), off otherwise (simulators whose actions
+    # are already deltas); the run log says which. ICRT's flag forms work too:
+    # --shared-cfg.use-delta-action forces it on, --shared-cfg.no-use-delta-action off.
+    use_delta_action: bool | None = None
 
     def __post_init__(self) -> None:
         p = "--shared-cfg."
@@ -553,6 +558,30 @@ def _find_load_config(args: Sequence[str]) -> str | None:
     return None
 
 
+# Options whose default is "decide from the data" but which users pass as ICRT's on/off flags.
+_TRISTATE = ("--shared-cfg.use-delta-action",)
+
+
+def _tristate_flags(argv: Sequence[str]) -> list[str]:
+    """``--x`` -> ``--x True`` and ``--no-x`` -> ``--x False`` for the ``bool | None`` options
+    (tyro takes an explicit value for them)."""
+    out: list[str] = []
+    for i, tok in enumerate(argv):
+        flag = tok.replace("_", "-")
+        for name in _TRISTATE:
+            no = name.replace("--shared-cfg.", "--shared-cfg.no-")
+            if flag == no:
+                out += [name, "False"]
+                break
+            if flag == name and (i + 1 == len(argv) or argv[i + 1] not in ("True", "False",
+                                                                             "None")):
+                out += [name, "True"]
+                break
+        else:
+            out.append(tok)
+    return out
+
+
 def parse_config(
     args: Sequence[str] | None = None, cls: type = ExperimentConfig, description: str | None = None
 ) -> Any:
@@ -560,7 +589,7 @@ def parse_config(
     args = list(args) if args is not None else None
     import sys
 
-    argv = args if args is not None else sys.argv[1:]
+    argv = _tristate_flags(args if args is not None else sys.argv[1:])
     default = None
     path = _find_load_config(argv)
     if path is not None and path != "None":

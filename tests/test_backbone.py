@@ -484,3 +484,72 @@ def test_ragged_rows_equal_each_row_alone():
                     torch.testing.assert_close(out[i, 0], alone[i][done[i]], atol=1e-5, rtol=0)
                     done[i] += 1
         assert cache.row_length.tolist() == done
+
+
+# ------------------------------------------------------------- Hugging Face Llama directories
+
+
+def _hf_llama_dir(tmp_path: Path, sharded: bool, **extra: Any) -> tuple[Path, Any]:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=11, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder, max_shard_size="30KB" if sharded else "5GB",
+                       safe_serialization=True)
+    return folder, hf
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_llama_dir_gives_transformers_hidden_states(tmp_path: Path, sharded: bool) -> None:
+    folder, hf = _hf_llama_dir(tmp_path, sharded)
+    assert (folder / "model.safetensors.index.json").is_file() == sharded
+    model = load_pretrained_llama(folder, 32, phase="pretrain").eval()
+    assert model.config.ffn_hidden_dim == 48 and model.config.kv_heads == 2
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf.model(inputs_embeds=x).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+        # the KV cache decodes the same function
+        torch.testing.assert_close(decode_in_chunks(model, x, [4]), model(x), atol=1e-5,
+                                   rtol=1e-5)
+    lora = load_pretrained_llama(folder, 32, lora_rank=2, phase="finetune").eval()
+    with torch.no_grad():  # adapters start at zero
+        torch.testing.assert_close(lora(x), model(x))
+
+
+def test_hf_dirs_that_are_not_plain_llama_fail_in_one_sentence(tmp_path: Path) -> None:
+    folder, _ = _hf_llama_dir(tmp_path, sharded=False)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2",
+                                                    "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UserError, match=r"holds a gpt2 model \(GPT2LMHeadModel\), not a "
+                                        r"Llama-family one"):
+        load_pretrained_llama(folder, 32, phase="pretrain")
+    (folder / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    with pytest.raises(UserError, match="uses attention_bias"):
+        load_pretrained_llama(folder, 32, phase="pretrain")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="no model.safetensors.*pytorch_model.bin"):
+        load_pretrained_llama(folder, 32, phase="pretrain")
+    (folder / "pytorch_model.bin").write_bytes(b"\0" * 10)
+    (folder / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(UserError, match="Could not read Llama weights"):
+        load_pretrained_llama(folder, 32, phase="pretrain")
+
+
+def test_hf_llama31_rope_scaling_and_theta_are_read(tmp_path: Path) -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+               "rope_theta": 500000.0}
+    folder, hf = _hf_llama_dir(tmp_path, sharded=False, rope_parameters=scaling)
+    model = load_pretrained_llama(folder, 32, phase="pretrain").eval()
+    assert model.config.use_scaled_rope and model.config.rope_theta == 500000.0
+    x = torch.randn(1, 20, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf.model(inputs_embeds=x).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)

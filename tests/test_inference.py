@@ -189,3 +189,31 @@ def test_batched_rows_act_as_single_policies(runs, head):
     assert slid  # some row's context slid during an episode
     for i in range(3):
         np.testing.assert_allclose(np.array(got[i]), np.array(want[i]), atol=1e-4)
+
+
+def test_hugging_face_llama_dir_trains_with_lora_and_acts_cached(runs, tmp_path):
+    """A Llama saved by transformers' save_pretrained as the pretrained backbone: a LoRA
+    finetune run trains, reloads, and its KV-cached prompted actions equal recomputation."""
+    transformers = pytest.importorskip("transformers")
+    root, _ = runs
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=16, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    run = train(parse_config(tiny_args(
+        root / "reach.json", tmp_path / "run", "--trainer-cfg.epochs", "1",
+        "--model-cfg.policy-cfg.scratch-llama-config", "None",
+        "--model-cfg.policy-cfg.llama-ckpt-dir", tmp_path / "hf",
+        "--model-cfg.policy-cfg.phase", "finetune", "--model-cfg.policy-cfg.lora-rank", "2")),
+        progress=False)
+    cached = InContextPolicy.from_checkpoint(run)
+    full = InContextPolicy.from_checkpoint(run, use_cache=False)
+    names = [n for n, _ in cached.model.backbone.named_parameters()]
+    assert any("lora_" in n for n in names)  # the finetune phase's adapters came back
+    assert cached.model.backbone.config.ffn_hidden_dim == 96
+    store = EpisodeStore.open(root / "reach.zarr")
+    for p in (cached, full):
+        p.prompt([store.episode(0)])
+    query = store.episode(4)
+    np.testing.assert_allclose(_rollout(cached, query, 1), _rollout(full, query, 1), atol=1e-4)

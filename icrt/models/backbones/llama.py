@@ -89,6 +89,9 @@ class LlamaConfig:
     use_scaled_rope: bool = False
     # Longest sequence (prefill + decoded tokens) the rotary tables cover.
     max_seq_len: int = 2048
+    # SwiGLU width given outright (Hugging Face configs' intermediate_size); default: Meta's
+    # rounding of multiple_of and ffn_dim_multiplier.
+    intermediate_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
@@ -121,6 +124,8 @@ class LlamaConfig:
     @property
     def ffn_hidden_dim(self) -> int:
         """SwiGLU width, rounded exactly like Meta's ``FeedForward`` (2/3 of 4*dim)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

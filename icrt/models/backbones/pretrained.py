@@ -1,8 +1,18 @@
-"""Load a Meta-format Llama checkpoint into :class:`LlamaBackbone`, optionally with LoRA.
+"""Load a pretrained Llama checkpoint into :class:`LlamaBackbone`, optionally with LoRA.
 
-A Meta checkpoint directory holds ``params.json`` and ``consolidated.00.pth``. The token
-embedding and vocabulary projection (``tok_embeddings``, ``output``) and the cached rotary
-table of older releases (``rope.freqs``) are dropped: the policy feeds its own embeddings.
+Two directory layouts are read:
+
+* Meta's: ``params.json`` and ``consolidated.00.pth``;
+* Hugging Face's (``save_pretrained`` of ``LlamaModel`` / ``LlamaForCausalLM``, e.g.
+  Llama-2-7b-hf, TinyLlama, SmolLM): ``config.json`` with ``model_type`` ``llama`` and
+  ``model.safetensors`` or shards named by ``model.safetensors.index.json``. Names are mapped to
+  Meta's and ``q_proj`` / ``k_proj`` are permuted back from Hugging Face's rotate-half layout
+  to Meta's interleaved one, so the backbone computes what ``transformers``' ``LlamaModel``
+  computes. Nothing is executed from the directory (no ``trust_remote_code``).
+
+The token embedding and vocabulary projection (``tok_embeddings``/``embed_tokens``,
+``output``/``lm_head``) and cached rotary tables are dropped: the policy feeds its own
+embeddings.
 
 For the ``finetune`` phase peft's LoRA adapters are injected in place into the attention
 projections, so the result is still a ``LlamaBackbone`` (same forward, same cache) whose only
@@ -11,6 +21,7 @@ trainable parameters are the adapters, the RMSNorm weights and biases (Llama has
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +59,123 @@ def load_llama_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(sd, dict):
         raise UserError(f"Llama checkpoint '{path}' does not hold a state dict.")
     return {k: v for k, v in sd.items() if not k.startswith(_DROPPED_PREFIXES)}
+
+
+# Hugging Face Llama module names -> Meta's (after the leading "model." is dropped).
+_HF_RENAMES = (
+    ("self_attn.q_proj", "attention.wq"),
+    ("self_attn.k_proj", "attention.wk"),
+    ("self_attn.v_proj", "attention.wv"),
+    ("self_attn.o_proj", "attention.wo"),
+    ("mlp.gate_proj", "feed_forward.w1"),
+    ("mlp.down_proj", "feed_forward.w2"),
+    ("mlp.up_proj", "feed_forward.w3"),
+    ("input_layernorm", "attention_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+)
+_HF_DROPPED = ("embed_tokens.", "lm_head.", "rotary_emb.")
+# Llama-3.1's rope scaling, the only kind the backbone implements (llama._scale_rope_freqs).
+_LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+
+
+def read_hf_llama_config(path: str | Path, max_seq_len: int) -> LlamaConfig:
+    """The backbone shape of a Hugging Face ``config.json``; anything but a plain Llama-family
+    model (another ``model_type``, biases, another activation or rope scaling) is refused."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"Hugging Face config '{path}' is not readable JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"Hugging Face config '{path}' must hold a JSON object.")
+    kind = data.get("model_type")
+    if kind != "llama":
+        arch = ", ".join(data.get("architectures") or []) or "no architectures listed"
+        raise UserError(f"'{path.parent}' holds a {kind or 'untyped'} model ({arch}), not a "
+                        f"Llama-family one (config.json model_type 'llama').")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if not isinstance(data.get(k), int)]
+    if missing:
+        raise UserError(f"Hugging Face config '{path}' lacks an integer '{missing[0]}'.")
+    unsupported = [k for k in ("attention_bias", "mlp_bias") if data.get(k)]
+    if data.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act {data['hidden_act']}")
+    heads = data["num_attention_heads"]
+    if data.get("head_dim") not in (None, data["hidden_size"] // heads):
+        unsupported.append(f"head_dim {data['head_dim']}")
+    rope = dict(data.get("rope_parameters") or {})
+    scaling = data.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
+                                           else None)
+    scaled = False
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        scaled = kind == "llama3" and all(
+            float(scaling.get(k, -1)) == v for k, v in _LLAMA31_SCALING.items())
+        if not scaled:
+            unsupported.append(f"rope scaling {kind} {scaling}")
+    if unsupported:
+        raise UserError(f"Hugging Face Llama '{path.parent}' uses {unsupported[0]}, which the "
+                        f"icrt backbone does not implement.")
+    try:
+        return LlamaConfig(
+            dim=data["hidden_size"], n_layers=data["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=data.get("num_key_value_heads"), norm_eps=data.get("rms_norm_eps", 1e-6),
+            rope_theta=data.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            use_scaled_rope=scaled, intermediate_size=data["intermediate_size"],
+            max_seq_len=max_seq_len)
+    except ValueError as e:
+        raise UserError(f"Hugging Face config '{path}' is inconsistent: {e}") from None
+
+
+def _from_hf_rotary(w: Tensor, heads: int) -> Tensor:
+    """Undo the permutation Hugging Face's conversion applies to q_proj / k_proj."""
+    out, inp = w.shape
+    return w.view(heads, 2, out // heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def load_hf_llama_state_dict(ckpt_dir: str | Path, cfg: LlamaConfig) -> dict[str, Tensor]:
+    """The backbone part of a Hugging Face Llama directory's safetensors, under Meta's names."""
+    from safetensors import SafetensorError, safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            raise UserError(f"'{index}' is not a safetensors index ({e}).") from None
+    elif (ckpt_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        bins = sorted(p.name for p in ckpt_dir.glob("pytorch_model*.bin"))
+        hint = (f" (it has {bins[0]}: save it again with save_pretrained(..., "
+                f"safe_serialization=True))" if bins else "")
+        raise UserError(f"Hugging Face Llama '{ckpt_dir}' has no model.safetensors or "
+                        f"model.safetensors.index.json{hint}.")
+    state: dict[str, Tensor] = {}
+    for name in files:
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise UserError(f"Shard '{path}' named by '{index}' does not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    meta = key.removeprefix("model.")
+                    if meta.startswith(_HF_DROPPED):
+                        continue
+                    for a, b in _HF_RENAMES:
+                        meta = meta.replace(a, b)
+                    t = f.get_tensor(key)
+                    if meta.endswith("attention.wq.weight"):
+                        t = _from_hf_rotary(t, cfg.n_heads)
+                    elif meta.endswith("attention.wk.weight"):
+                        t = _from_hf_rotary(t, cfg.kv_heads)
+                    state[meta] = t
+        except (OSError, SafetensorError, RuntimeError) as e:
+            raise UserError(f"Could not read Llama weights '{path}': {e}") from None
+    return state
 
 
 def lora_target_pattern(layer_idxs: Sequence[int] | None) -> str:
@@ -95,28 +223,34 @@ def load_pretrained_llama(
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"Llama checkpoint directory '{ckpt_dir}' does not exist.")
-    params = ckpt_dir / "params.json"
-    if not params.is_file():
-        raise UserError(f"Llama checkpoint directory '{ckpt_dir}' has no params.json.")
     if phase not in ("pretrain", "finetune"):
         raise UserError(f"Unknown phase '{phase}'; use pretrain or finetune.")
-    cfg = LlamaConfig.from_json(params, max_seq_len=max_seq_len)
-    shard = _find_shard(ckpt_dir)
-    state = load_llama_state_dict(shard)
+    params = ckpt_dir / "params.json"
+    if params.is_file():  # Meta's layout
+        cfg = LlamaConfig.from_json(params, max_seq_len=max_seq_len)
+        shard = _find_shard(ckpt_dir)
+        state = load_llama_state_dict(shard)
+    elif (ckpt_dir / "config.json").is_file():  # Hugging Face's
+        cfg = read_hf_llama_config(ckpt_dir / "config.json", max_seq_len=max_seq_len)
+        shard = ckpt_dir
+        state = load_hf_llama_state_dict(ckpt_dir, cfg)
+    else:
+        raise UserError(f"Llama checkpoint directory '{ckpt_dir}' has neither params.json "
+                        f"(Meta's layout) nor config.json (Hugging Face's).")
     backbone = LlamaBackbone(cfg)
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise UserError(
-            f"Llama checkpoint '{shard}' does not match its params.json: "
+            f"Llama checkpoint '{shard}' does not match its config: "
             f"missing {_preview(missing)}, unexpected {_preview(unexpected)}."
         )
     wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
     if wrong:
         k = wrong[0]
         raise UserError(
-            f"Llama checkpoint '{shard}' does not match its params.json: {k} has shape "
+            f"Llama checkpoint '{shard}' does not match its config: {k} has shape "
             f"{tuple(state[k].shape)}, expected {tuple(expected[k].shape)}."
         )
     backbone.load_state_dict(state)  # copies (and casts bf16 -> fp32) into our parameters
@@ -135,9 +269,11 @@ def _preview(keys: list[str], n: int = 3) -> str:
 __all__ = [
     "LORA_TARGETS",
     "apply_lora",
+    "load_hf_llama_state_dict",
     "load_llama_state_dict",
     "load_pretrained_llama",
     "lora_target_pattern",
+    "read_hf_llama_config",
 ]
 
 
