@@ -38,6 +38,10 @@ def _positive(value: float, flag: str, allow_zero: bool = False) -> None:
         raise ValueError(f"{flag} must be {bound} (got {value}).")
 
 
+LoraTarget = Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3", "q_proj", "k_proj", "v_proj",
+                     "o_proj", "gate_proj", "down_proj", "up_proj"]
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
     # Dataset JSON listing the episode stores, observation/action keys and train split.
@@ -159,6 +163,14 @@ class PolicyConfig:
     lora_rank: int = 4
     # Backbone layers that get LoRA adapters (default: all).
     lora_layer_idxs: tuple[int, ...] | None = None
+    # LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_rank.
+    lora_alpha: float = 8.0
+    # Dropout on the input of the LoRA branch.
+    lora_dropout: float = 0.0
+    # Projections that get adapters, by Meta's or Hugging Face's names: attention (wq wk wv wo
+    # = q_proj k_proj v_proj o_proj, ICRT's choice) and MLP (w1 w2 w3 = gate_proj down_proj
+    # up_proj).
+    lora_targets: tuple[LoraTarget, ...] = ("wq", "wk", "wv", "wo")
     # Attention heads of the per-camera attention-pooling adapter.
     adapter_num_heads: int = 8
     # MLP ratio of the attention-pooling adapter.
@@ -223,6 +235,11 @@ class PolicyConfig:
             _positive(getattr(self, name), p + name.replace("_", "-"))
         _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
         _positive(self.flow_tolerance, p + "flow-tolerance")
+        _positive(self.lora_alpha, p + "lora-alpha")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"{p}lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
+        if not self.lora_targets:
+            raise ValueError(f"{p}lora-targets needs at least one projection.")
         _positive(self.diffusion_clip_sample, p + "diffusion-clip-sample")
         if self.num_inference_diffusion_steps > self.num_train_diffusion_steps:
             raise ValueError(

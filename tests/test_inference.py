@@ -10,6 +10,7 @@ from icrt.config import parse_config
 from icrt.data.store import EpisodeStore
 from icrt.errors import UserError
 from icrt.eval.inference import InContextPolicy
+from icrt.models.backbones.pretrained import load_pretrained_llama
 from icrt.train.loop import train
 
 
@@ -217,3 +218,63 @@ def test_hugging_face_llama_dir_trains_with_lora_and_acts_cached(runs, tmp_path)
         p.prompt([store.episode(0)])
     query = store.episode(4)
     np.testing.assert_allclose(_rollout(cached, query, 1), _rollout(full, query, 1), atol=1e-4)
+
+
+def test_lora_checkpoint_holds_adapters_only_and_merged_export_acts_the_same(runs, tmp_path):
+    """A LoRA run on a pretrained Llama directory saves only what trains plus its base's
+    fingerprint; it refuses another base; the merged export stands alone and acts the same."""
+    transformers = pytest.importorskip("transformers")
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = runs
+    base = tmp_path / "base"
+    config = transformers.LlamaConfig(
+        vocab_size=16, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(base)
+    run = train(parse_config(tiny_args(
+        root / "reach.json", tmp_path / "run", "--trainer-cfg.epochs", "1",
+        "--model-cfg.policy-cfg.scratch-llama-config", "None",
+        "--model-cfg.policy-cfg.llama-ckpt-dir", base, "--model-cfg.policy-cfg.phase",
+        "finetune", "--model-cfg.policy-cfg.lora-rank", "2", "--model-cfg.policy-cfg.lora-alpha",
+        "16", "--model-cfg.policy-cfg.lora-targets", "q_proj", "v_proj", "w1", "w2", "w3")),
+        progress=False)
+    ckpt = sorted(run.glob("checkpoint-*"))[-1]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "model.safetensors"))
+    backbone = [k for k in saved if k.startswith("backbone.")]
+    assert backbone and all("lora_" in k or "norm" in k for k in backbone)
+    assert any("feed_forward.w2.lora_A" in k for k in backbone)  # MLP targets took
+    assert not any("attention.wk.lora_" in k for k in backbone)
+    assert json.loads((ckpt / "lora_base.json").read_text())["path"] == str(base.resolve())
+    # training left the base weights bitwise as the base directory has them
+    policy = InContextPolicy.from_checkpoint(run)
+    fresh = load_pretrained_llama(base, 64, phase="pretrain").state_dict()
+    for k, v in policy.model.backbone.state_dict().items():
+        if "lora_" not in k and "norm" not in k:
+            assert torch.equal(v, fresh[k.replace(".base_layer", "")]), k
+    store = EpisodeStore.open(root / "reach.zarr")
+    query = store.episode(4)
+    policy.prompt([store.episode(0)])
+    unmerged = _rollout(policy, query, 1)
+    # the merged export: no base directory, no LoRA modules, same actions
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
+    subprocess.run([sys.executable, str(script), "--checkpoint", str(run), "--out",
+                    str(tmp_path / "export"), "--merge-lora"], check=True, capture_output=True)
+    shutil.rmtree(base)
+    merged = InContextPolicy.from_checkpoint(tmp_path / "export")
+    assert not any("lora_" in n for n, _ in merged.model.named_parameters())
+    merged.prompt([store.episode(0)])
+    np.testing.assert_allclose(_rollout(merged, query, 1), unmerged, atol=1e-5)
+    # a LoRA checkpoint refuses a base with other weights, in one sentence
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).save_pretrained(base)
+    with pytest.raises(UserError, match="holds LoRA adapters trained on the base model .* has "
+                                        "other weights"):
+        InContextPolicy.from_checkpoint(run)

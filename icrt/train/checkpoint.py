@@ -6,6 +6,10 @@
 ``config.json`` is the run's resolved :class:`~icrt.config.ExperimentConfig` as JSON;
 ``stats.json`` holds the :class:`~icrt.models.policy.PolicySpec` and the normaliser;
 ``train_state.pt`` holds only tensors and numbers (optimizer, step, RNG), never pickled objects.
+A LoRA run on a pretrained Llama (``--model-cfg.policy-cfg.llama-ckpt-dir``, finetune phase)
+leaves the frozen base weights out of ``model.safetensors`` (a 7B LoRA checkpoint is megabytes):
+``lora_base.json`` names the base directory and a fingerprint of its weights, and loading
+rebuilds the base from that directory and refuses one whose weights differ.
 A directory is first written under a temporary name, its files fsynced, and then renamed, so a
 run killed at any moment (or a power cut) leaves either the old or the new checkpoint, never
 half of one. ``manifest.json`` records each file's size and SHA-256, so a damaged checkpoint is
@@ -16,6 +20,7 @@ it was. Files are written 0644 and directories 0755.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -59,6 +64,17 @@ class Checkpoint:
             raise UserError(f"Checkpoint '{self.path}' has unreadable weights "
                             f"(model.safetensors: {e}).") from None
 
+    def lora_base(self) -> dict[str, Any] | None:
+        """The base model a LoRA-only checkpoint needs (None for complete checkpoints)."""
+        path = self.path / "lora_base.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"Checkpoint '{self.path}' has an unreadable lora_base.json "
+                            f"({e}).") from None
+
     def train_state(self) -> dict[str, Any] | None:
         path = self.path / "train_state.pt"
         if not path.is_file():
@@ -96,8 +112,15 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        base = set(lora_base_keys(model))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if k not in base}
         save_file(state, str(tmp / "model.safetensors"))
+        if base:
+            (tmp / "lora_base.json").write_text(json.dumps({
+                "path": str(Path(model.cfg.llama_ckpt_dir).resolve()),
+                "fingerprint": base_fingerprint(model, sorted(base)),
+                "frozen_tensors": len(base)}, indent=1) + "\n")
         save_config(cfg, tmp / "config.json")
         stats = {"spec": model.spec.to_dict(), "normalizer": normalizer.to_dict()}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -274,6 +297,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     p = resolve_checkpoint(path)
     try:
         cfg = config_from_dict(ExperimentConfig, json.loads((p / "config.json").read_text()))
+        shape = cfg.model_cfg.policy_cfg.scratch_llama_config
+        if shape == _EXPORT_SHAPE:  # an export carries its backbone shape inside
+            cfg = dataclasses.replace(cfg, model_cfg=dataclasses.replace(
+                cfg.model_cfg, policy_cfg=dataclasses.replace(
+                    cfg.model_cfg.policy_cfg, scratch_llama_config=str(p / _EXPORT_SHAPE))))
         stats = json.loads((p / "stats.json").read_text())
         return Checkpoint(p, cfg, PolicySpec.from_dict(stats["spec"]),
                           Normalizer.from_dict(stats["normalizer"]))
@@ -287,12 +315,67 @@ def load_policy(
     """Rebuild the policy of a checkpoint with its weights, in eval mode."""
     ckpt = read_checkpoint(path)
     model = ICRTPolicy(ckpt.config.model_cfg, ckpt.spec)
-    load_weights(model, ckpt.state_dict(), source=str(ckpt.path))
+    load_checkpoint_weights(model, ckpt)
     return model.to(device).eval(), ckpt
 
 
-def load_weights(model: ICRTPolicy, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights strictly, except for LoRA adapters the checkpoint never had.
+# ------------------------------------------------------------------------ LoRA checkpoints
+
+# The backbone shape an export writes beside its weights (its config names it relatively).
+_EXPORT_SHAPE = "backbone_params.json"
+
+
+def lora_base_keys(model: ICRTPolicy) -> list[str]:
+    """State-dict keys of the frozen base weights of a LoRA run on a pretrained Llama
+    directory (empty for every other policy: their checkpoints are complete)."""
+    cfg = model.cfg
+    if cfg.phase != "finetune" or cfg.scratch_config is not None or not cfg.llama_ckpt_dir:
+        return []
+    return sorted(f"backbone.{n}" for n, p in model.backbone.named_parameters()
+                  if not p.requires_grad)
+
+
+def base_fingerprint(model: ICRTPolicy, keys: list[str]) -> str:
+    """SHA-256 of the frozen base tensors' names, shapes and an evenly strided sample of at
+    most 65,536 values each: tells base models apart without hashing gigabytes."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for k in keys:
+        t = state[k].detach()
+        flat = t.flatten()
+        sample = flat[:: max(1, flat.numel() // 65536)].float().cpu().contiguous()
+        h.update(f"{k.replace('.base_layer', '')}{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_checkpoint_weights(model: ICRTPolicy, ckpt: Checkpoint) -> None:
+    """Load a checkpoint's weights into ``model``; a LoRA-only checkpoint keeps the base
+    weights ``model`` loaded from its base directory, after checking they are the ones it was
+    trained on."""
+    base = ckpt.lora_base()
+    keys: list[str] = []
+    if base is not None:
+        keys = lora_base_keys(model)
+        if not keys:
+            raise UserError(
+                f"Checkpoint '{ckpt.path}' holds LoRA adapters only; it needs its base model "
+                f"'{base.get('path')}' as --model-cfg.policy-cfg.llama-ckpt-dir in the finetune "
+                f"phase (or an export made with scripts/export.py --merge-lora).")
+        found = base_fingerprint(model, keys)
+        if found != base.get("fingerprint"):
+            raise UserError(
+                f"Checkpoint '{ckpt.path}' holds LoRA adapters trained on the base model "
+                f"'{base.get('path')}' (fingerprint {str(base.get('fingerprint'))[:12]}), but "
+                f"the base loaded from '{model.cfg.llama_ckpt_dir}' has other weights "
+                f"(fingerprint {found[:12]}); use the original base model.")
+    load_weights(model, ckpt.state_dict(), str(ckpt.path), optional=keys)
+
+
+def load_weights(model: ICRTPolicy, state: dict[str, torch.Tensor], source: str,
+                 optional: list[str] | tuple[str, ...] = ()) -> None:
+    """Load weights strictly, except for LoRA adapters the checkpoint never had (and the
+    ``optional`` keys, which keep their current values).
 
     peft renames a wrapped ``wq.weight`` to ``wq.base_layer.weight``; names are matched with
     that part removed, so a plain checkpoint loads into a LoRA-wrapped policy.
@@ -301,7 +384,7 @@ def load_weights(model: ICRTPolicy, state: dict[str, torch.Tensor], source: str)
     canonical = {k.replace(".base_layer", ""): k for k in own}
     state = {canonical.get(k.replace(".base_layer", ""), k): v for k, v in state.items()}
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in set(own) - set(state) if "lora_" not in k)
+    missing = sorted(k for k in set(own) - set(state) - set(optional) if "lora_" not in k)
     if unexpected or missing:
         raise UserError(
             f"Weights in '{source}' do not fit this policy: missing {missing[:3]}, unexpected "
@@ -326,3 +409,36 @@ def check_compatible(spec: PolicySpec, other: PolicySpec, source: str, target: s
                 f"{source} has {name.replace('_', ' ')} {a!r} but {target} has {b!r}; they must "
                 f"match."
             )
+
+
+def export_checkpoint(src: str | Path, out: str | Path, merge_lora: bool = False,
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Write ``src`` as an inference-only checkpoint at ``out``; with ``merge_lora`` the
+    backbone's adapters are folded into its weights and the export stands alone (no base
+    model directory, no peft). Returns a summary."""
+    from icrt.models.backbones.pretrained import merge_lora as merge
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists; pass --overwrite to replace it.")
+    model, ckpt = load_policy(src)
+    cfg = ckpt.config
+    extra: dict[str, str] = {}
+    merged = 0
+    if merge_lora:
+        merged = merge(model.backbone)
+        if not merged:
+            raise UserError(f"Checkpoint '{ckpt.path}' has no LoRA adapters to merge.")
+        shape = {k: v for k, v in dataclasses.asdict(model.backbone.config).items()
+                 if k != "max_seq_len" and v is not None}
+        extra[_EXPORT_SHAPE] = json.dumps(shape, indent=1) + "\n"
+        pcfg = dataclasses.replace(cfg.model_cfg.policy_cfg, scratch_llama_config=_EXPORT_SHAPE,
+                                   llama_ckpt_dir=None, phase="pretrain", pretrained_path=None)
+        cfg = dataclasses.replace(cfg, model_cfg=dataclasses.replace(cfg.model_cfg,
+                                                                     policy_cfg=pcfg))
+        model.cfg = pcfg  # a plain policy now: saved whole (a LoRA-only one keeps lora_base)
+    path = save_checkpoint(out, model, cfg, ckpt.normalizer, extra_files=extra)
+    size = (path / "model.safetensors").stat().st_size
+    return {"checkpoint": str(path), "source": str(ckpt.path), "merged_lora_modules": merged,
+            "model_bytes": size}
+

@@ -34,7 +34,7 @@ from icrt.train.checkpoint import (
     Checkpoint,
     check_compatible,
     latest_checkpoint,
-    load_weights,
+    load_checkpoint_weights,
     prune_checkpoints,
     read_checkpoint,
     remove_save_leftovers,
@@ -289,11 +289,11 @@ def _build_model(run: _Run) -> None:
         source = read_checkpoint(pretrained)
         check_compatible(source.spec, spec, f"Pretrained checkpoint '{source.path}'",
                          f"dataset '{ds.spec.path}'")
-        load_weights(model, source.state_dict(), str(source.path))
+        load_checkpoint_weights(model, source)
     if resume is not None:
         check_compatible(resume.spec, spec, f"Checkpoint '{resume.path}'",
                          f"dataset '{ds.spec.path}'")
-        load_weights(model, resume.state_dict(), str(resume.path))
+        load_checkpoint_weights(model, resume)
     vcfg = cfg.model_cfg.vision_encoder_cfg
     if vcfg.use_cached_features and ds.image_keys:  # features must come from these weights
         from icrt.models.encoders.features import check_cached_features

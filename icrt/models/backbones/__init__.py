@@ -26,6 +26,9 @@ def build_backbone(policy_cfg: PolicyConfig, max_seq_len: int) -> Backbone:
         lora_rank=policy_cfg.lora_rank,
         lora_layer_idxs=policy_cfg.lora_layer_idxs,
         phase=policy_cfg.phase,
+        lora_alpha=policy_cfg.lora_alpha,
+        lora_dropout=policy_cfg.lora_dropout,
+        lora_targets=policy_cfg.lora_targets,
     )
     backbone.gradient_checkpointing = policy_cfg.gradient_checkpointing
     return backbone

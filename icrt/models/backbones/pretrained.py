@@ -34,8 +34,13 @@ from icrt.models.backbones.llama import LlamaBackbone, LlamaConfig
 
 # Checkpoint entries the backbone has no use for.
 _DROPPED_PREFIXES = ("tok_embeddings.", "output.", "rope.freqs")
-# The attention projections that get LoRA adapters.
+# The attention projections that get LoRA adapters by default (ICRT's choice).
 LORA_TARGETS = ("wq", "wk", "wv", "wo")
+# Hugging Face's names of the projections, and where each lives in a block.
+_HF_PROJ = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+            "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+_PROJ_MODULE = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
 
 
 def _find_shard(ckpt_dir: Path) -> Path:
@@ -178,17 +183,25 @@ def load_hf_llama_state_dict(ckpt_dir: str | Path, cfg: LlamaConfig) -> dict[str
     return state
 
 
-def lora_target_pattern(layer_idxs: Sequence[int] | None) -> str:
-    """peft regex (full-match on module names) selecting the attention projections of
-    ``layer_idxs`` (all layers when None)."""
+def lora_target_pattern(layer_idxs: Sequence[int] | None,
+                        targets: Sequence[str] = LORA_TARGETS) -> str:
+    """peft regex (full-match on module names) selecting the projections ``targets`` (Meta's or
+    Hugging Face's names) of ``layer_idxs`` (all layers when None)."""
     layers = r"\d+" if layer_idxs is None else "|".join(str(i) for i in sorted(set(layer_idxs)))
-    return rf"layers\.({layers})\.attention\.({'|'.join(LORA_TARGETS)})"
+    names = sorted({_HF_PROJ.get(t, t) for t in targets})
+    unknown = [t for t in names if t not in _PROJ_MODULE]
+    if unknown:
+        raise UserError(f"Unknown LoRA target '{unknown[0]}'; choose from "
+                        f"{', '.join([*_PROJ_MODULE, *_HF_PROJ])}.")
+    alts = "|".join(f"{_PROJ_MODULE[t]}\\.{t}" for t in names)
+    return rf"layers\.({layers})\.({alts})"
 
 
 def apply_lora(
-    backbone: LlamaBackbone, rank: int, layer_idxs: Sequence[int] | None = None
+    backbone: LlamaBackbone, rank: int, layer_idxs: Sequence[int] | None = None,
+    alpha: float = 8.0, dropout: float = 0.0, targets: Sequence[str] = LORA_TARGETS,
 ) -> LlamaBackbone:
-    """Inject LoRA adapters (peft) into the attention projections of ``layer_idxs`` and
+    """Inject LoRA adapters (peft) into the projections ``targets`` of ``layer_idxs`` and
     freeze everything except the adapters, the norms and any biases. In place; returns it."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -202,9 +215,10 @@ def apply_lora(
             )
     if rank < 1:
         raise UserError(f"LoRA rank must be >= 1 (got {rank}).")
-    # peft's defaults otherwise (lora_alpha=8, no dropout, B initialised to zero so the
-    # wrapped backbone starts out computing exactly what the checkpoint computes).
-    lora_cfg = LoraConfig(r=rank, target_modules=lora_target_pattern(layer_idxs))
+    # B starts at zero, so the wrapped backbone starts out computing exactly what the
+    # checkpoint computes.
+    lora_cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                          target_modules=lora_target_pattern(layer_idxs, targets))
     inject_adapter_in_model(lora_cfg, backbone)
     for name, p in backbone.named_parameters():
         p.requires_grad_("lora_" in name or "norm" in name or name.endswith(".bias"))
@@ -217,6 +231,9 @@ def load_pretrained_llama(
     lora_rank: int = 4,
     lora_layer_idxs: Sequence[int] | None = None,
     phase: Literal["pretrain", "finetune"] = "finetune",
+    lora_alpha: float = 8.0,
+    lora_dropout: float = 0.0,
+    lora_targets: Sequence[str] = LORA_TARGETS,
 ) -> LlamaBackbone:
     """A backbone with a Meta checkpoint's weights; LoRA-wrapped when ``phase`` is finetune,
     fully trainable when it is pretrain."""
@@ -255,8 +272,23 @@ def load_pretrained_llama(
         )
     backbone.load_state_dict(state)  # copies (and casts bf16 -> fp32) into our parameters
     if phase == "finetune":
-        apply_lora(backbone, lora_rank, lora_layer_idxs)
+        apply_lora(backbone, lora_rank, lora_layer_idxs, lora_alpha, lora_dropout, lora_targets)
     return backbone
+
+
+def merge_lora(backbone: LlamaBackbone) -> int:
+    """Fold every LoRA adapter into its projection's weight and drop the adapter modules (the
+    backbone then computes the same function as a plain one); returns how many were merged."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent, _, attr = name.rpartition(".")
+            setattr(backbone.get_submodule(parent), attr, module.get_base_layer())
+            merged += 1
+    return merged
 
 
 def _preview(keys: list[str], n: int = 3) -> str:
@@ -273,6 +305,7 @@ __all__ = [
     "load_llama_state_dict",
     "load_pretrained_llama",
     "lora_target_pattern",
+    "merge_lora",
     "read_hf_llama_config",
 ]
 
