@@ -163,6 +163,15 @@ class PolicyConfig:
     lora_rank: int = 4
     # Backbone layers that get LoRA adapters (default: all).
     lora_layer_idxs: tuple[int, ...] | None = None
+    # ICRT: load llama-ckpt-dir's weights (--model-cfg.policy-cfg.no-load-llama: its shape
+    # with random weights).
+    load_llama: bool = True
+    # ICRT: separate key/value projections in attention pooling (not implemented).
+    multikv_attn_pool: bool = False
+    # ICRT: predict actions only (True; predicting proprioception too is not implemented).
+    pred_action_only: bool = True
+    # ICRT: KL-divergence loss (not implemented).
+    kl_div_loss: bool = False
     # LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_rank.
     lora_alpha: float = 8.0
     # Dropout on the input of the LoRA branch.
@@ -240,6 +249,15 @@ class PolicyConfig:
             raise ValueError(f"{p}lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         if not self.lora_targets:
             raise ValueError(f"{p}lora-targets needs at least one projection.")
+        if self.multikv_attn_pool:
+            raise ValueError(f"{p}multikv-attn-pool is not implemented: each camera's "
+                             f"attention-pooling adapter has one key/value projection.")
+        if not self.pred_action_only:
+            raise ValueError(f"{p}no-pred-action-only: the policy predicts actions only "
+                             f"(ICRT's proprio prediction is not implemented).")
+        if self.kl_div_loss:
+            raise ValueError(f"{p}kl-div-loss is not implemented; the gmm head's likelihood "
+                             f"({p}decoder-pred-head gmm) is the probabilistic loss.")
         _positive(self.diffusion_clip_sample, p + "diffusion-clip-sample")
         if self.num_inference_diffusion_steps > self.num_train_diffusion_steps:
             raise ValueError(
@@ -366,9 +384,38 @@ class SharedConfig:
     # are already deltas); the run log says which. ICRT's flag forms work too:
     # --shared-cfg.use-delta-action forces it on, --shared-cfg.no-use-delta-action off.
     use_delta_action: bool | None = None
+    # ICRT: number of cameras. icrt feeds the dataset JSON's image_keys; given, it is checked
+    # against them.
+    num_cameras: int | None = None
+    # ICRT: first epoch. A new run starts at 0 and --shared-cfg.resume continues at its
+    # checkpoint's epoch, so other values are refused.
+    start_epoch: int = 0
+    # ICRT: progressive training in stages (only 1: not implemented).
+    num_stages: int = 1
+    # ICRT: split each epoch into k shorter ones (only 1; --trainer-cfg.max-steps and
+    # --shared-cfg.save-every-steps give finer schedules).
+    split_epoch: int = 1
+    # ICRT: scale actions with a JSON of action statistics. icrt normalises with the stores'
+    # own statistics (--dataset-cfg.action-norm), so this is refused.
+    scale_action: str | None = None
 
     def __post_init__(self) -> None:
         p = "--shared-cfg."
+        if self.start_epoch != 0:
+            raise ValueError(f"{p}start-epoch {self.start_epoch}: a new run starts at epoch 0 "
+                             f"and {p}resume RUN continues at its checkpoint's epoch.")
+        if self.num_stages != 1:
+            raise ValueError(f"{p}num-stages {self.num_stages}: progressive training stages "
+                             f"are not implemented (only 1).")
+        if self.split_epoch != 1:
+            raise ValueError(f"{p}split-epoch {self.split_epoch} is not implemented; use "
+                             f"--trainer-cfg.max-steps and {p}save-every-steps for finer "
+                             f"schedules.")
+        if self.scale_action is not None:
+            raise ValueError(f"{p}scale-action is not needed: actions are normalised with the "
+                             f"stores' statistics (--dataset-cfg.action-norm).")
+        if self.num_cameras is not None:
+            _positive(self.num_cameras, p + "num-cameras", allow_zero=True)
         _positive(self.batch_size, p + "batch-size")
         _positive(self.seq_length, p + "seq-length")
         _positive(self.save_every, p + "save-every")
@@ -486,6 +533,27 @@ class ExperimentConfig:
     device: str = "auto"
     # Start from this saved config file (JSON); flags given as well override it.
     load_config: str | None = None
+    # ICRT: train (default) or evaluate; evaluation is scripts/eval.py, so --no-train is refused.
+    train: bool = True
+    # Legacy launcher flags (python -m torch.distributed.launch): accepted; the process group is
+    # set up from the environment the launcher exports (WORLD_SIZE, RANK, LOCAL_RANK), which
+    # --world-size, when given, must match.
+    world_size: int | None = None
+    local_rank: int | None = None
+    # ICRT: OpenMPI/ITP launch (not supported: use torchrun).
+    dist_on_itp: bool = False
+    # Process group rendezvous (only env://, what torchrun and torch.distributed.launch use).
+    dist_url: str = "env://"
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("--no-train: evaluation is scripts/eval.py --checkpoint RUN.")
+        if self.dist_on_itp:
+            raise ValueError("--dist-on-itp (OpenMPI launch) is not supported; launch with "
+                             "torchrun.")
+        if self.dist_url != "env://":
+            raise ValueError(f"--dist-url {self.dist_url}: only env:// is supported (torchrun "
+                             f"sets it up; see docs/training.md for several nodes).")
 
 
 # --------------------------------------------------------------------------- serialisation
@@ -581,9 +649,11 @@ _TRISTATE = ("--shared-cfg.use-delta-action",)
 
 def _tristate_flags(argv: Sequence[str]) -> list[str]:
     """``--x`` -> ``--x True`` and ``--no-x`` -> ``--x False`` for the ``bool | None`` options
-    (tyro takes an explicit value for them)."""
+    (tyro takes an explicit value for them); ``--local_rank`` as ``--local-rank``."""
     out: list[str] = []
     for i, tok in enumerate(argv):
+        if tok.startswith("--local_rank"):  # torch.distributed.launch's spelling
+            tok = tok.replace("--local_rank", "--local-rank", 1)
         flag = tok.replace("_", "-")
         for name in _TRISTATE:
             no = name.replace("--shared-cfg.", "--shared-cfg.no-")

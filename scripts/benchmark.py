@@ -5,6 +5,7 @@
     python scripts/benchmark.py data         # out-of-core loading vs ICRT HDF5 slices, memory
     python scripts/benchmark.py features     # image training: pixels through encoder vs cached
     python scripts/benchmark.py sim          # evaluation episodes/min, N workers vs 1
+    python scripts/benchmark.py memory --gpus 8 --gpu-memory-gb 80   # training memory planner
     python scripts/benchmark.py all
 
 Tables are printed as markdown; --json FILE also writes the raw rows.
@@ -28,7 +29,7 @@ from icrt.cli import run
 class BenchmarkConfig:
     # Which benchmark to run.
     what: tyro.conf.Positional[
-        Literal["train", "inference", "data", "features", "sim", "all"]
+        Literal["train", "inference", "data", "features", "sim", "memory", "all"]
     ] = "all"
     # Model configs (params.json files) for the train and inference benchmarks.
     configs: tuple[str, ...] = ("config/model_config/tiny.json", "config/model_config/small.json")
@@ -44,6 +45,23 @@ class BenchmarkConfig:
     big_store_gb: float = 10.0
     # data: folder for that store (default: the system's temporary folder).
     scratch: str | None = None
+    # memory: backbone shapes to plan (params.json files, Hugging Face config.json files or
+    # their directories, or the presets llama2-7b and llama2-13b).
+    llama_config: tuple[str, ...] = ("llama2-7b", "llama2-13b")
+    # memory: strategies to plan.
+    strategy: tuple[Literal["ddp", "fsdp"], ...] = ("ddp", "fsdp")
+    # memory: devices (data-parallel ranks) and the memory of each, in GB.
+    gpus: int = 8
+    gpu_memory_gb: float = 80.0
+    # memory: sequences per device and steps per sequence (two backbone tokens per step).
+    batch_size: int = 1
+    seq_length: int = 512
+    # memory: training precision.
+    precision: Literal["32-true", "bf16-mixed"] = "bf16-mixed"
+    # memory: also plan LoRA fine-tuning with this rank (0: full fine-tuning only).
+    lora_rank: int = 16
+    # memory: activation checkpointing.
+    activation_checkpointing: bool = False
     # Also write every measured row as JSON here.
     json: str | None = None
 
@@ -70,6 +88,68 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def memory_tables(cfg: BenchmarkConfig) -> list[dict]:
+    """Per-device training memory of each shape x strategy (x LoRA), and the planner checked
+    against memory counted on real tiny/small backbones on this CPU."""
+    from pathlib import Path
+
+    from icrt.models.backbones.llama import LlamaConfig
+    from icrt.models.backbones.pretrained import read_hf_llama_config
+    from icrt.train.memory import GB, PRESETS, measure_memory, plan_memory
+
+    tokens = 2 * cfg.seq_length
+    rows = []
+    for name in cfg.llama_config:
+        if name in PRESETS:
+            shape = PRESETS[name]
+        else:
+            path = Path(name)
+            path = path / "config.json" if path.is_dir() else path
+            shape = (read_hf_llama_config(path, tokens) if path.name == "config.json"
+                     else LlamaConfig.from_json(path, tokens))
+        for strategy in cfg.strategy:
+            for lora in [None, cfg.lora_rank] if cfg.lora_rank else [None]:
+                plan = plan_memory(shape, strategy, cfg.gpus, cfg.batch_size, tokens,
+                                   cfg.precision, lora,
+                                   activation_checkpointing=cfg.activation_checkpointing)
+                row = {"config": Path(name).name if name not in PRESETS else name,
+                       "params_b": plan.params_total / 1e9, "strategy": strategy,
+                       "training": f"LoRA r{lora}" if lora else "full",
+                       "trainable_m": plan.params_trainable / 1e6}
+                row.update({f"{k}_gb": v / GB for k, v in plan.bytes.items()})
+                row["total_gb"] = plan.total_gb
+                row["fits"] = "yes" if plan.fits(cfg.gpu_memory_gb) else "no"
+                rows.append(row)
+    print(f"## Training memory per device ({cfg.gpus} devices of {cfg.gpu_memory_gb:g} GB, batch "
+          f"{cfg.batch_size} x {tokens} tokens, {cfg.precision}, AdamW"
+          f"{', activation checkpointing' if cfg.activation_checkpointing else ''}; fits = "
+          f"within 90%)\n")
+    print(table(rows, ["config", "params_b", "strategy", "training", "trainable_m",
+                       "parameters_gb", "gradients_gb", "optimizer_gb", "activations_gb",
+                       *(["recompute_gb"] if cfg.activation_checkpointing else []),
+                       "total_gb", "fits"]) + "\n")
+    checks = []
+    for name in ("tiny", "small"):
+        shape = LlamaConfig.from_json(f"config/model_config/{name}.json", 512)
+        for ckpt in (False, True):
+            measured = measure_memory(shape, 2, 256, activation_checkpointing=ckpt)
+            plan = plan_memory(shape, "ddp", 1, 2, 256, "32-true",
+                               activation_checkpointing=ckpt)
+            total = sum(measured.values())
+            checks.append({"config": name, "checkpointing": ckpt,
+                           "measured_mb": total / 2**20,
+                           "planned_mb": sum(plan.bytes[k] for k in measured) / 2**20,
+                           "activations_planned_vs_measured":
+                               plan.bytes["activations"] / measured["activations"]})
+    for c in checks:
+        c["planned_vs_measured"] = c["planned_mb"] / c["measured_mb"]
+    print("## Planner vs memory counted on the CPU (fp32, batch 2 x 256 tokens; parameters, "
+          "gradients, AdamW state and the tensors autograd saves)\n")
+    print(table(checks, ["config", "checkpointing", "measured_mb", "planned_mb",
+                         "planned_vs_measured", "activations_planned_vs_measured"]) + "\n")
+    return rows + checks
+
+
 def main(cfg: BenchmarkConfig) -> None:
     speed = _benchmarks()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,6 +159,8 @@ def main(cfg: BenchmarkConfig) -> None:
           f"torch threads, torch {torch.__version__}, cuda {torch.cuda.is_available()}\n")
     out: dict[str, list[dict]] = {}
     todo = ["train", "inference", "data", "features", "sim"] if cfg.what == "all" else [cfg.what]
+    if "memory" in todo:
+        out["memory"] = memory_tables(cfg)
     if "train" in todo:
         rows = []
         for path in cfg.configs:

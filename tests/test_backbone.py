@@ -553,3 +553,14 @@ def test_hf_llama31_rope_scaling_and_theta_are_read(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf.model(inputs_embeds=x).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_no_load_llama_keeps_the_shape_with_random_weights(tmp_path: Path) -> None:
+    ref = write_fake_checkpoint(tmp_path / "ckpt", PARAMS, dtype=torch.float32)
+    cfg = PolicyConfig(llama_ckpt_dir=str(tmp_path / "ckpt"), phase="pretrain", load_llama=False)
+    model = build_backbone(cfg, max_seq_len=32)
+    assert model.config.n_layers == 3 and model.config.kv_heads == 2
+    ref_sd = ref.state_dict()
+    assert all(v.shape == ref_sd[k].shape for k, v in model.state_dict().items())
+    assert not torch.equal(model.state_dict()["layers.0.attention.wq.weight"],
+                           ref_sd["layers.0.attention.wq.weight"])

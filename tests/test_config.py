@@ -163,3 +163,31 @@ def test_collect_config_validation():
         CollectConfig(out="data/x")
     with pytest.raises(ValueError, match="--tasks needs at least one"):
         CollectConfig(tasks=())
+
+
+def test_the_rest_of_icrts_flags_have_their_meaning_or_one_sentence(tmp_path, real_paths,
+                                                                     capsys):
+    base = ["--dataset-cfg.dataset-json", real_paths["/path/to/dataset_config.json"]]
+    cfg = parse_config([*base, "--local_rank=3", "--world-size", "2", "--dist-url", "env://",
+                        "--shared-cfg.num-cameras", "2", "--model-cfg.policy-cfg.load-llama",
+                        "--model-cfg.policy-cfg.pred-action-only", "--train"])
+    assert cfg.local_rank == 3 and cfg.world_size == 2 and cfg.shared_cfg.num_cameras == 2
+    refused = {
+        "--no-train": "evaluation is scripts/eval.py",
+        "--dist-on-itp": "not supported; launch with torchrun",
+        "--dist-url tcp://10.0.0.1:23456": "only env:// is supported",
+        "--shared-cfg.start-epoch 3": "continues at its checkpoint's epoch",
+        "--shared-cfg.num-stages 2": "not implemented",
+        "--shared-cfg.split-epoch 2": "not implemented",
+        "--shared-cfg.scale-action stats.json": "normalised with the stores' statistics",
+        "--model-cfg.policy-cfg.multikv-attn-pool": "not implemented",
+        "--model-cfg.policy-cfg.no-pred-action-only": "predicts actions only",
+        "--model-cfg.policy-cfg.kl-div-loss": "not implemented",
+    }
+    for flags, message in refused.items():
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            parse_config([*base, *flags.split()])
+        printed = capsys.readouterr()
+        text = " ".join((printed.err + printed.out).replace("│", " ").split())
+        assert message in text, (flags, text)

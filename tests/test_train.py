@@ -149,6 +149,29 @@ def test_two_process_gloo_equals_one_process(reach_json, tmp_path):
     assert len(steps) == len([r for r in run_metrics(one) if "train/loss" in r])
 
 
+@pytest.mark.slow
+def test_two_nodes_of_one_process_on_localhost_equal_one_process(reach_json, tmp_path):
+    """Multi-node torchrun (static rendezvous on the master's address): 2 nodes x 1 process."""
+    one = train(parse_config(tiny_args(reach_json, tmp_path / "one", "--shared-cfg.batch-size",
+                                       "4", "--trainer-cfg.epochs", "1")), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+         "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+         str(ROOT / "scripts/train.py"),
+         *tiny_args(reach_json, tmp_path / "two", "--shared-cfg.batch-size", "2",
+                    "--trainer-cfg.epochs", "1")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    wa = load_file(str(one / "checkpoint-0" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "checkpoint-0" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_gradient_accumulation_matches_large_batch(reach_json, tmp_path):
     big = train(parse_config(tiny_args(reach_json, tmp_path / "big", "--shared-cfg.batch-size",
                                        "4", "--trainer-cfg.epochs", "1")), progress=False)

@@ -329,7 +329,8 @@ def lora_base_keys(model: ICRTPolicy) -> list[str]:
     """State-dict keys of the frozen base weights of a LoRA run on a pretrained Llama
     directory (empty for every other policy: their checkpoints are complete)."""
     cfg = model.cfg
-    if cfg.phase != "finetune" or cfg.scratch_config is not None or not cfg.llama_ckpt_dir:
+    if (cfg.phase != "finetune" or cfg.scratch_config is not None or not cfg.llama_ckpt_dir
+            or not cfg.load_llama):
         return []
     return sorted(f"backbone.{n}" for n, p in model.backbone.named_parameters()
                   if not p.requires_grad)

@@ -229,6 +229,14 @@ def _build_data(run: _Run) -> None:
     cached = vcfg.use_cached_features
     data_spec = DatasetSpec.load(cfg.dataset_cfg.dataset_json)
     _log_delta_action(scfg, data_spec)
+    if scfg.num_cameras is not None and scfg.num_cameras != len(data_spec.image_keys):
+        raise UserError(
+            f"--shared-cfg.num-cameras {scfg.num_cameras}, but dataset '{data_spec.path}' "
+            f"lists {len(data_spec.image_keys)} camera key(s) {list(data_spec.image_keys)}; the "
+            f"policy takes its cameras from the dataset's image_keys.")
+    if cfg.world_size is not None and cfg.world_size != info.world_size:
+        raise UserError(f"--world-size {cfg.world_size}, but the launcher started "
+                        f"{info.world_size} process(es).")
     if cached and data_spec.image_keys:
         from icrt.models.encoders.features import check_cached_features
 

@@ -29,6 +29,7 @@ def build_backbone(policy_cfg: PolicyConfig, max_seq_len: int) -> Backbone:
         lora_alpha=policy_cfg.lora_alpha,
         lora_dropout=policy_cfg.lora_dropout,
         lora_targets=policy_cfg.lora_targets,
+        load_weights=policy_cfg.load_llama,
     )
     backbone.gradient_checkpointing = policy_cfg.gradient_checkpointing
     return backbone

@@ -234,8 +234,10 @@ def load_pretrained_llama(
     lora_alpha: float = 8.0,
     lora_dropout: float = 0.0,
     lora_targets: Sequence[str] = LORA_TARGETS,
+    load_weights: bool = True,
 ) -> LlamaBackbone:
-    """A backbone with a Meta checkpoint's weights; LoRA-wrapped when ``phase`` is finetune,
+    """A backbone with a checkpoint's weights (its shape with random weights when not
+    ``load_weights``, ICRT's ``--no-load-llama``); LoRA-wrapped when ``phase`` is finetune,
     fully trainable when it is pretrain."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -246,15 +248,24 @@ def load_pretrained_llama(
     if params.is_file():  # Meta's layout
         cfg = LlamaConfig.from_json(params, max_seq_len=max_seq_len)
         shard = _find_shard(ckpt_dir)
-        state = load_llama_state_dict(shard)
+        state = load_llama_state_dict(shard) if load_weights else None
     elif (ckpt_dir / "config.json").is_file():  # Hugging Face's
         cfg = read_hf_llama_config(ckpt_dir / "config.json", max_seq_len=max_seq_len)
         shard = ckpt_dir
-        state = load_hf_llama_state_dict(ckpt_dir, cfg)
+        state = load_hf_llama_state_dict(ckpt_dir, cfg) if load_weights else None
     else:
         raise UserError(f"Llama checkpoint directory '{ckpt_dir}' has neither params.json "
                         f"(Meta's layout) nor config.json (Hugging Face's).")
     backbone = LlamaBackbone(cfg)
+    if state is not None:
+        _load_checked(backbone, state, shard)
+    if phase == "finetune":
+        apply_lora(backbone, lora_rank, lora_layer_idxs, lora_alpha, lora_dropout, lora_targets)
+    return backbone
+
+
+def _load_checked(backbone: LlamaBackbone, state: dict[str, Tensor], shard: Path) -> None:
+    """Copy ``state`` into ``backbone`` after checking names and shapes against it."""
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -271,9 +282,6 @@ def load_pretrained_llama(
             f"{tuple(state[k].shape)}, expected {tuple(expected[k].shape)}."
         )
     backbone.load_state_dict(state)  # copies (and casts bf16 -> fp32) into our parameters
-    if phase == "finetune":
-        apply_lora(backbone, lora_rank, lora_layer_idxs, lora_alpha, lora_dropout, lora_targets)
-    return backbone
 
 
 def merge_lora(backbone: LlamaBackbone) -> int:
