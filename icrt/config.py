@@ -338,6 +338,9 @@ class TrainerConfig:
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
     # Compile the backbone with torch.compile (in place; checkpoints are unchanged).
     compile: bool = False
+    # Data parallelism under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2
+    # fully_shard: parameters, gradients and optimizer state sharded per backbone block).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     # Log training metrics every N optimizer steps.
     log_every: int = 10
     # Stop after this many optimizer steps (0: run --trainer-cfg.epochs); the schedule's length.

@@ -172,6 +172,44 @@ def test_two_nodes_of_one_process_on_localhost_equal_one_process(reach_json, tmp
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _torchrun(args: list[str], nproc: int = 2) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", str(ROOT / "scripts/train.py"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp_on_two_gloo_ranks_and_resumes_exactly(reach_json, tmp_path):
+    """FSDP2 (sharded per block) and DDP give the same losses and weights over a run with
+    gradient accumulation; FSDP checkpoints are consolidated model.safetensors that load
+    without torch.distributed, and a run resumed from one equals the uninterrupted run."""
+    common = ("--shared-cfg.batch-size", "1", "--trainer-cfg.accum-iter", "2",
+              "--trainer-cfg.epochs", "2", "--shared-cfg.save-every", "1")
+    fsdp = ("--trainer-cfg.strategy", "fsdp")
+    _torchrun(tiny_args(reach_json, tmp_path / "ddp", *common))
+    _torchrun(tiny_args(reach_json, tmp_path / "fsdp", *common, *fsdp))
+    _torchrun(tiny_args(reach_json, tmp_path / "resumed", *common, *fsdp, "--shared-cfg.resume",
+                        tmp_path / "fsdp" / "checkpoint-0"))
+    losses = [{r["step"]: r["train/loss"] for r in run_metrics(tmp_path / name)
+               if "train/loss" in r} for name in ("ddp", "fsdp", "resumed")]
+    assert sorted(losses[0]) == sorted(losses[1]) and len(losses[0]) > 4
+    np.testing.assert_allclose([losses[1][s] for s in sorted(losses[0])],
+                               [losses[0][s] for s in sorted(losses[0])], rtol=1e-4, atol=1e-5)
+    assert min(losses[2]) > 1 and set(losses[2]) <= set(losses[1])
+    np.testing.assert_allclose([losses[2][s] for s in sorted(losses[2])],
+                               [losses[1][s] for s in sorted(losses[2])], rtol=1e-5, atol=1e-6)
+    wa, wb, wc = (load_file(str(tmp_path / name / "checkpoint-1" / "model.safetensors"))
+                  for name in ("ddp", "fsdp", "resumed"))
+    assert set(wa) == set(wb) == set(wc)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(wc[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    policy, _ = load_policy(tmp_path / "fsdp")  # a plain checkpoint: no process group needed
+    assert not any(hasattr(p, "full_tensor") for p in policy.parameters())
+
+
 def test_gradient_accumulation_matches_large_batch(reach_json, tmp_path):
     big = train(parse_config(tiny_args(reach_json, tmp_path / "big", "--shared-cfg.batch-size",
                                        "4", "--trainer-cfg.epochs", "1")), progress=False)

@@ -101,25 +101,27 @@ def save_checkpoint(
     normalizer: Normalizer,
     train_state: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (replacing an existing one).
 
     ``extra_files`` (name -> text) are written inside it before the commit (e.g. best/'s
-    eval.json), so they appear together with the weights."""
+    eval.json), so they appear together with the weights. ``state`` is the model's full state
+    dict when the model itself holds shards (FSDP gathers it on every rank first)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
+        full = model.state_dict() if state is None else state
         base = set(lora_base_keys(model))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                 if k not in base}
-        save_file(state, str(tmp / "model.safetensors"))
+        weights = {k: v.detach().contiguous().cpu() for k, v in full.items() if k not in base}
+        save_file(weights, str(tmp / "model.safetensors"))
         if base:
             (tmp / "lora_base.json").write_text(json.dumps({
                 "path": str(Path(model.cfg.llama_ckpt_dir).resolve()),
-                "fingerprint": base_fingerprint(model, sorted(base)),
+                "fingerprint": base_fingerprint(full, sorted(base)),
                 "frozen_tensors": len(base)}, indent=1) + "\n")
         save_config(cfg, tmp / "config.json")
         stats = {"spec": model.spec.to_dict(), "normalizer": normalizer.to_dict()}
@@ -336,11 +338,11 @@ def lora_base_keys(model: ICRTPolicy) -> list[str]:
                   if not p.requires_grad)
 
 
-def base_fingerprint(model: ICRTPolicy, keys: list[str]) -> str:
+def base_fingerprint(state: dict[str, torch.Tensor], keys: list[str]) -> str:
     """SHA-256 of the frozen base tensors' names, shapes and an evenly strided sample of at
-    most 65,536 values each: tells base models apart without hashing gigabytes."""
+    most 65,536 values each (of a model's state dict): tells base models apart without hashing
+    gigabytes."""
     h = hashlib.sha256()
-    state = model.state_dict()
     for k in keys:
         t = state[k].detach()
         flat = t.flatten()
@@ -363,7 +365,7 @@ def load_checkpoint_weights(model: ICRTPolicy, ckpt: Checkpoint) -> None:
                 f"Checkpoint '{ckpt.path}' holds LoRA adapters only; it needs its base model "
                 f"'{base.get('path')}' as --model-cfg.policy-cfg.llama-ckpt-dir in the finetune "
                 f"phase (or an export made with scripts/export.py --merge-lora).")
-        found = base_fingerprint(model, keys)
+        found = base_fingerprint(model.state_dict(), keys)
         if found != base.get("fingerprint"):
             raise UserError(
                 f"Checkpoint '{ckpt.path}' holds LoRA adapters trained on the base model "

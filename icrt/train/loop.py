@@ -136,6 +136,8 @@ class _Run:
     val_loader: DataLoader | None = None
     model: ICRTPolicy | None = None
     ddp: torch.nn.Module | None = None
+    # the full weights of the last checkpoint when the model holds shards (FSDP), for best/
+    saved_weights: dict[str, torch.Tensor] | None = None
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     logger: RunLogger | None = None
@@ -310,9 +312,13 @@ def _build_model(run: _Run) -> None:
             check_cached_features(path, vcfg, ds.image_keys, encoder=model.state_encoder.vision)
     model.to(run.device)
     run.model, run.ddp = model, model
-    if run.info.distributed:
+    if run.info.distributed and _fsdp(run):
+        _shard(model, cfg.trainer_cfg.precision)
+    elif run.info.distributed:
         device_ids = [run.device] if run.device.type == "cuda" else None
         run.ddp = DistributedDataParallel(model, device_ids=device_ids)
+    elif cfg.trainer_cfg.strategy == "fsdp":
+        log.warning("--trainer-cfg.strategy fsdp in a single process: nothing to shard")
     if cfg.trainer_cfg.compile:
         # in place (parameter names unchanged, so checkpoints stay plain); the backbone is
         # where the time goes, and the loss code's data-dependent masking would only break graphs
@@ -320,6 +326,54 @@ def _build_model(run: _Run) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("policy: %.2fM parameters (%.2fM trainable)", n_params / 1e6, n_train / 1e6)
+
+
+def _fsdp(run: _Run) -> bool:
+    return run.cfg.trainer_cfg.strategy == "fsdp" and run.info.distributed
+
+
+def _shard(model: ICRTPolicy, precision: str) -> None:
+    """FSDP2: each backbone block is its own unit (its weights are gathered just for its
+    forward and backward), the rest of the policy the root unit. bf16-mixed computes in bf16
+    and reduces gradients in fp32; fp32 master weights stay sharded."""
+    import torch.distributed as torch_dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    with torch.no_grad():  # ranks seed differently: start from rank 0's weights, as DDP does
+        for t in [*model.parameters(), *model.buffers()]:
+            torch_dist.broadcast(t.data, src=0)
+    mp = MixedPrecisionPolicy()
+    if precision == "bf16-mixed":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.backbone.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: torch.nn.Module):
+    """Gradient accumulation under FSDP2: no reduce-scatter until the last micro-batch."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _full_state(run: _Run) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(model state dict, optimizer state dict) to save: gathered from every rank's shards
+    (all ranks call this) under FSDP; the plain ones otherwise (model: None = its own)."""
+    if not _fsdp(run):
+        return None, run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(run.model, options=options),
+            get_optimizer_state_dict(run.model, run.optimizer, options=options))
 
 
 def _build_optimizer(run: _Run) -> None:
@@ -346,7 +400,20 @@ def _restore(run: _Run) -> None:
     state = run.resume.train_state()
     if state is None:
         raise UserError(f"Checkpoint '{run.resume.path}' has no train_state.pt to resume from.")
-    run.optimizer.load_state_dict(state["optimizer"])
+    saved = state.get("strategy", "ddp")
+    if saved != run.cfg.trainer_cfg.strategy:
+        raise UserError(f"Checkpoint '{run.resume.path}' was trained with --trainer-cfg.strategy "
+                        f"{saved}; resume it with the same strategy.")
+    if _fsdp(run):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.step = int(state["step"])
@@ -399,7 +466,10 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
             set_lr(run.optimizer, current_lr)
         batch = _to_device(batch, device)
         sync = (it + 1) % tcfg.accum_iter == 0 or it + 1 == run.batches_per_epoch
-        no_sync = run.ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext()
+        if not info.distributed or sync:
+            no_sync = contextlib.nullcontext()
+        else:
+            no_sync = _fsdp_no_sync(run.model) if _fsdp(run) else run.ddp.no_sync()
         with no_sync:
             with _autocast(tcfg.precision, device):
                 out = run.ddp(batch)
@@ -413,6 +483,8 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
             run.scaler.unscale_(run.optimizer)
         # the norm is computed on all-reduced gradients, so every rank decides alike
         norm = torch.nn.utils.clip_grad_norm_(params, ocfg.clip_grad or math.inf)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
         if run.scaler is None and not torch.isfinite(norm):
             raise TrainingDiverged(
                 f"The loss became non-finite at epoch {epoch}, step {run.step}; training stopped"
@@ -484,13 +556,17 @@ def _end_epoch(run: _Run, epoch: int, last: bool) -> None:
 def _checkpoint(run: _Run, epoch: int, ckpt_dir: Path, batches_done: int,
                 evaluate: bool) -> Path:
     """Save a resumable checkpoint on rank 0 (``batches_done`` of ``epoch``; -1: all) and
-    evaluate it in the simulator when asked; the other ranks wait."""
+    evaluate it in the simulator when asked; the other ranks wait (under FSDP they first
+    gather the full weights and optimizer state with rank 0)."""
+    weights, optimizer = _full_state(run)
+    run.saved_weights = weights
     if run.info.is_main:
         state = {
             "epoch": epoch,
             "step": run.step,
             "batches_done": batches_done,
-            "optimizer": run.optimizer.state_dict(),
+            "strategy": run.cfg.trainer_cfg.strategy,
+            "optimizer": optimizer,
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -499,7 +575,8 @@ def _checkpoint(run: _Run, epoch: int, ckpt_dir: Path, batches_done: int,
             "best_success": run.best_success,
             "best_val": run.best_val,
         }
-        save_checkpoint(ckpt_dir, run.model, run.cfg, run.train_ds.normalizer, state)
+        save_checkpoint(ckpt_dir, run.model, run.cfg, run.train_ds.normalizer, state,
+                        state=weights)
         prune_checkpoints(run.run_dir, run.cfg.shared_cfg.keep_last)
         if evaluate:
             _evaluate_checkpoint(run, ckpt_dir, epoch)
@@ -534,7 +611,8 @@ def _save_best(run: _Run, ckpt_dir: Path, epoch: int, record: dict[str, Any]) ->
 
     summary = {"epoch": epoch, "step": run.step, **record, "source": ckpt_dir.name}
     best = save_checkpoint(run.run_dir / "best", run.model, run.cfg, run.train_ds.normalizer,
-                           extra_files={"eval.json": json.dumps(summary, indent=1) + "\n"})
+                           extra_files={"eval.json": json.dumps(summary, indent=1) + "\n"},
+                           state=run.saved_weights)
     what = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
     log.info("new best checkpoint (%s) in %s", what, best)
 
