@@ -339,6 +339,35 @@ def test_icrt_command_lines_train_one_short_epoch(reach_json, tmp_path, index):
         assert any("lora_A" in k for k in backbone)
 
 
+@pytest.mark.slow
+def test_icrt_llama2_command_runs_unchanged_on_a_hugging_face_dir(reach_json, tmp_path):
+    """ICRT's Llama-2 LoRA command with its llama-ckpt-dir a Hugging Face layout directory."""
+    transformers = pytest.importorskip("transformers")
+    from icrt.models.backbones.llama import LlamaConfig
+
+    shape = LlamaConfig.from_json(TINY, max_seq_len=64)
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=shape.dim, intermediate_size=shape.ffn_hidden_dim,
+        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+        max_position_embeddings=256))
+    hf.save_pretrained(tmp_path / "llama-hf")
+    (tmp_path / "encoder.pth").write_bytes(b"")
+    args = icrt_args(ICRT_COMMANDS[4], {
+        "config/dataset_config.json": str(reach_json),
+        "/path/to/vision/encoder.pth": str(tmp_path / "encoder.pth"),
+        "/path/to/output_dir": str(tmp_path / "out"),
+        "/path/to/llama-2/llama-2-7b": str(tmp_path / "llama-hf"),
+    })
+    args += ["--trainer-cfg.epochs", "1", "--shared-cfg.seq-length", "64",
+             "--shared-cfg.num-pred-steps", "4", "--trainer-cfg.num-workers", "0"]
+    policy, _ = load_policy(train(parse_config(args), progress=False))
+    backbone = policy.backbone.state_dict()
+    assert torch.equal(backbone["layers.0.feed_forward.w1.weight"],
+                       hf.model.layers[0].mlp.gate_proj.weight.detach())
+    assert any("lora_A" in k for k in backbone)
+
+
 def test_bf16_mixed_precision_trains_on_cpu(reach_json, tmp_path):
     run = train(parse_config(tiny_args(reach_json, tmp_path / "bf16", "--trainer-cfg.epochs", "1",
                                        "--trainer-cfg.precision", "bf16-mixed")), progress=False)
