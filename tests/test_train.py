@@ -206,6 +206,17 @@ def test_fsdp_equals_ddp_on_two_gloo_ranks_and_resumes_exactly(reach_json, tmp_p
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
         torch.testing.assert_close(wc[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the optimizer state (and weights) sharded by torch.distributed.checkpoint, one file per
+    # rank, inside the checkpoint and covered by its manifest
+    from icrt.train.checkpoint import verify_checkpoint
+
+    ckpt = tmp_path / "fsdp" / "checkpoint-0"
+    shards = sorted(p.name for p in (ckpt / "sharded").iterdir())
+    assert sum(name.endswith(".distcp") for name in shards) == 2, shards
+    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert all(f"sharded/{name}" in manifest for name in shards)
+    assert verify_checkpoint(ckpt) is None
+    assert torch.load(ckpt / "train_state.pt", weights_only=True)["optimizer"] is None
     policy, _ = load_policy(tmp_path / "fsdp")  # a plain checkpoint: no process group needed
     assert not any(hasattr(p, "full_tensor") for p in policy.parameters())
 

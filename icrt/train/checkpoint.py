@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 # checkpoint-<epoch> after an epoch, checkpoint-step-<step> in the middle of one
 _CKPT = re.compile(r"^checkpoint-(step-)?(\d+)$")
 # Temporary directories of saves (".checkpoint-3.tmp-PID", ".best.old-PID").
-_LEFTOVER = r"^\.(checkpoint-(?:step-)?\d+|best)\.(tmp|old)-(?P<pid>\d+)$"
+# (".checkpoint-3.dcp-PID": FSDP's sharded state, written by every rank before the save)
+_LEFTOVER = r"^\.(checkpoint-(?:step-)?\d+|best)\.(tmp|old|dcp)-(?P<pid>\d+)$"
 
 
 @dataclass
@@ -102,12 +103,15 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (replacing an existing one).
 
     ``extra_files`` (name -> text) are written inside it before the commit (e.g. best/'s
     eval.json), so they appear together with the weights. ``state`` is the model's full state
-    dict when the model itself holds shards (FSDP gathers it on every rank first)."""
+    dict when the model itself holds shards (FSDP gathers it on every rank first);
+    ``extra_dirs`` (name -> folder) are moved inside (FSDP's sharded state, written by every
+    rank) and covered by the manifest."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -130,14 +134,16 @@ def save_checkpoint(
             torch.save(train_state, tmp / "train_state.pt")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        files = sorted(f.name for f in tmp.iterdir())
+        for name, folder in (extra_dirs or {}).items():
+            os.replace(folder, tmp / name)
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
         manifest: dict[str, Any] = {"files": {
             f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
         if train_state is not None:  # orders a run's checkpoints (see checkpoints())
             manifest.update(epoch=int(train_state["epoch"]), step=int(train_state["step"]))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
             fsync_path(f)
         os.chmod(tmp, 0o755)
         fsync_path(tmp)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,20 +362,50 @@ def _fsdp_no_sync(model: torch.nn.Module):
         model.set_requires_gradient_sync(True)
 
 
-def _full_state(run: _Run) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """(model state dict, optimizer state dict) to save: gathered from every rank's shards
-    (all ranks call this) under FSDP; the plain ones otherwise (model: None = its own)."""
+def _full_state(run: _Run) -> dict[str, torch.Tensor] | None:
+    """The full model state dict gathered from every rank's shards (all ranks call this) under
+    FSDP, for the consolidated model.safetensors; None otherwise (the model's own)."""
     if not _fsdp(run):
-        return None, run.optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(run.model, options=options),
-            get_optimizer_state_dict(run.model, run.optimizer, options=options))
+    return get_model_state_dict(
+        run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_sharded(run: _Run, ckpt_dir: Path) -> Path:
+    """Every rank writes its shards of the weights and optimizer state with
+    torch.distributed.checkpoint into a staging folder, which rank 0's save then moves into the
+    checkpoint as ``sharded/``."""
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    pid = [os.getpid()]
+    torch_dist.broadcast_object_list(pid, src=0)  # names the folder after rank 0's save
+    staging = ckpt_dir.with_name(f".{ckpt_dir.name}.dcp-{pid[0]}")
+    if run.info.is_main and staging.exists():
+        shutil.rmtree(staging)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(staging))
+    dist.barrier()
+    return staging
+
+
+def _load_sharded(run: _Run, folder: Path) -> None:
+    """Weights and optimizer state of a sharded checkpoint, each rank reading its shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not folder.is_dir():
+        raise UserError(f"Checkpoint '{folder.parent}' has no sharded/ state to resume an FSDP "
+                        f"run from.")
+    model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(run.model, run.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def _build_optimizer(run: _Run) -> None:
@@ -405,13 +437,7 @@ def _restore(run: _Run) -> None:
         raise UserError(f"Checkpoint '{run.resume.path}' was trained with --trainer-cfg.strategy "
                         f"{saved}; resume it with the same strategy.")
     if _fsdp(run):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        _load_sharded(run, run.resume.path / "sharded")
     else:
         run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state.get("scaler"):
@@ -558,15 +584,16 @@ def _checkpoint(run: _Run, epoch: int, ckpt_dir: Path, batches_done: int,
     """Save a resumable checkpoint on rank 0 (``batches_done`` of ``epoch``; -1: all) and
     evaluate it in the simulator when asked; the other ranks wait (under FSDP they first
     gather the full weights and optimizer state with rank 0)."""
-    weights, optimizer = _full_state(run)
-    run.saved_weights = weights
+    weights = run.saved_weights = _full_state(run)
+    sharded = _save_sharded(run, ckpt_dir) if _fsdp(run) else None
     if run.info.is_main:
         state = {
             "epoch": epoch,
             "step": run.step,
             "batches_done": batches_done,
             "strategy": run.cfg.trainer_cfg.strategy,
-            "optimizer": optimizer,
+            # under FSDP the optimizer state is in sharded/, one file per rank
+            "optimizer": None if sharded else run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -576,7 +603,7 @@ def _checkpoint(run: _Run, epoch: int, ckpt_dir: Path, batches_done: int,
             "best_val": run.best_val,
         }
         save_checkpoint(ckpt_dir, run.model, run.cfg, run.train_ds.normalizer, state,
-                        state=weights)
+                        state=weights, extra_dirs={"sharded": sharded} if sharded else None)
         prune_checkpoints(run.run_dir, run.cfg.shared_cfg.keep_last)
         if evaluate:
             _evaluate_checkpoint(run, ckpt_dir, epoch)
