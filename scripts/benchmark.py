@@ -174,6 +174,12 @@ def main(cfg: BenchmarkConfig) -> None:
         print("## Backbone forward+backward (fp32)\n")
         print(table(rows, ["model", "params", "batch_size", "seq_len", "ms_per_step",
                            "tokens_per_s", "relative_speed"]) + "\n")
+        rows = speed.benchmark_lora_vs_full()
+        out["lora"] = rows
+        print("## LoRA vs full fine-tuning, one AdamW step (TinyLlama-shaped layers, batch 1 x "
+              "256 tokens, fp32)\n")
+        print(table(rows, ["training", "layers", "params_m", "trainable_m", "s_per_step",
+                           "speedup"]) + "\n")
     if "inference" in todo:
         rows = []
         for path in cfg.configs:
