@@ -564,3 +564,13 @@ def test_no_load_llama_keeps_the_shape_with_random_weights(tmp_path: Path) -> No
     assert all(v.shape == ref_sd[k].shape for k, v in model.state_dict().items())
     assert not torch.equal(model.state_dict()["layers.0.attention.wq.weight"],
                            ref_sd["layers.0.attention.wq.weight"])
+
+
+def test_hf_dir_with_a_missing_shard_fails_in_one_sentence(tmp_path: Path) -> None:
+    folder, _ = _hf_llama_dir(tmp_path, sharded=True)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (folder / shard).unlink()
+    with pytest.raises(UserError, match=rf"Shard '.*{shard}' named by '.*index.json' does not "
+                                        rf"exist"):
+        load_pretrained_llama(folder, 32, phase="pretrain")
