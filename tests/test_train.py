@@ -221,6 +221,39 @@ def test_fsdp_equals_ddp_on_two_gloo_ranks_and_resumes_exactly(reach_json, tmp_p
     assert not any(hasattr(p, "full_tensor") for p in policy.parameters())
 
 
+@pytest.mark.slow
+def test_fsdp_lora_on_a_hugging_face_llama_saves_only_what_trains(reach_json, tmp_path):
+    """FSDP with LoRA on a pretrained (HF-layout) Llama: neither the consolidated weights nor
+    the sharded state hold the frozen base, and resuming from a checkpoint is exact."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=16, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )).save_pretrained(tmp_path / "hf")
+    lora = ("--trainer-cfg.epochs", "2", "--shared-cfg.save-every", "1",
+            "--trainer-cfg.strategy", "fsdp", "--model-cfg.policy-cfg.scratch-llama-config",
+            "None", "--model-cfg.policy-cfg.llama-ckpt-dir", tmp_path / "hf",
+            "--model-cfg.policy-cfg.phase", "finetune", "--model-cfg.policy-cfg.lora-rank", "2")
+    _torchrun(tiny_args(reach_json, tmp_path / "run", *lora))
+    _torchrun(tiny_args(reach_json, tmp_path / "resumed", *lora, "--shared-cfg.resume",
+                        tmp_path / "run" / "checkpoint-0"))
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert not any(k.startswith("backbone.") and "lora_" not in k and "norm" not in k
+                   for k in weights)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = list(FileSystemReader(str(ckpt / "sharded")).read_metadata().state_dict_metadata)
+    model_keys = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
+    assert any("lora_A" in k for k in model_keys)
+    assert not any(k.startswith("backbone.") and "lora_" not in k and "norm" not in k
+                   for k in model_keys), model_keys
+    other = load_file(str(tmp_path / "resumed" / "checkpoint-1" / "model.safetensors"))
+    for k in weights:
+        torch.testing.assert_close(other[k], weights[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_gradient_accumulation_matches_large_batch(reach_json, tmp_path):
     big = train(parse_config(tiny_args(reach_json, tmp_path / "big", "--shared-cfg.batch-size",
                                        "4", "--trainer-cfg.epochs", "1")), progress=False)

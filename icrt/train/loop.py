@@ -37,6 +37,7 @@ from icrt.train.checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_checkpoint_weights,
+    lora_base_keys,
     prune_checkpoints,
     read_checkpoint,
     remove_save_leftovers,
@@ -388,6 +389,8 @@ def _save_sharded(run: _Run, ckpt_dir: Path) -> Path:
         shutil.rmtree(staging)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
+    base = set(lora_base_keys(run.model))  # a LoRA run's frozen base comes from its directory
+    model_sd = {k: v for k, v in model_sd.items() if k not in base}
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(staging))
     dist.barrier()
     return staging
@@ -396,16 +399,23 @@ def _save_sharded(run: _Run, ckpt_dir: Path) -> Path:
 def _load_sharded(run: _Run, folder: Path) -> None:
     """Weights and optimizer state of a sharded checkpoint, each rank reading its shards."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
 
     if not folder.is_dir():
         raise UserError(f"Checkpoint '{folder.parent}' has no sharded/ state to resume an FSDP "
                         f"run from.")
     model_sd, optim_sd = get_state_dict(run.model, run.optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
+    base = set(lora_base_keys(run.model))
+    state = {"model": {k: v for k, v in model_sd.items() if k not in base},
+             "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(run.model, run.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=not base))
 
 
 def _build_optimizer(run: _Run) -> None:
