@@ -526,10 +526,74 @@ def benchmark_data_memory(folder: str, gb: float = 10.0, image_size: int = 84,
 # ------------------------------------------------------------------------------- simulation
 
 
+def _write_lerobot_v30(root, episodes: int, steps: int, frames: np.ndarray,
+                       rng: np.random.Generator, fps: int = 20) -> None:
+    """A LeRobot codebase-v3.0 dataset in its on-disk layout (as LeRobotDataset writes it):
+    one parquet of steps, one of episodes, one of tasks, one AV1 mp4 per camera holding every
+    episode one after another."""
+    import json
+
+    import av
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cams = ("front", "wrist")
+    size = frames.shape[1]
+    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+    (root / "data" / "chunk-000").mkdir(parents=True)
+    for cam in cams:
+        path = root / "videos" / f"observation.images.{cam}" / "chunk-000" / "file-000.mp4"
+        path.parent.mkdir(parents=True)
+        with av.open(str(path), "w") as out:
+            stream = out.add_stream("libsvtav1", rate=fps)
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+            for _ in range(episodes):
+                for frame in frames:
+                    out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            out.mux(stream.encode())
+    n = episodes * steps
+    step = np.tile(np.arange(steps), episodes)
+    pq.write_table(pa.table({
+        "observation.state": list(rng.normal(size=(n, 8)).astype(np.float32)),
+        "action": list(rng.normal(size=(n, 7)).astype(np.float32)),
+        "timestamp": (step / fps).astype(np.float32), "frame_index": step,
+        "episode_index": np.repeat(np.arange(episodes), steps), "index": np.arange(n),
+        "task_index": np.zeros(n, np.int64)}), root / "data" / "chunk-000" / "file-000.parquet")
+    columns = {"episode_index": np.arange(episodes), "tasks": [["pick the cube"]] * episodes,
+               "length": np.full(episodes, steps), "data/chunk_index": np.zeros(episodes, int),
+               "data/file_index": np.zeros(episodes, int),
+               "dataset_from_index": np.arange(episodes) * steps,
+               "dataset_to_index": (np.arange(episodes) + 1) * steps}
+    for cam in cams:
+        key = f"videos/observation.images.{cam}"
+        columns.update({f"{key}/chunk_index": np.zeros(episodes, int),
+                        f"{key}/file_index": np.zeros(episodes, int),
+                        f"{key}/from_timestamp": np.arange(episodes) * steps / fps,
+                        f"{key}/to_timestamp": (np.arange(episodes) + 1) * steps / fps})
+    pq.write_table(pa.table(columns), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    pq.write_table(pa.table({"task_index": [0], "__index_level_0__": ["pick the cube"]}),
+                   root / "meta" / "tasks.parquet")
+    video = {"dtype": "video", "shape": [size, size, 3], "names": ["height", "width", "channels"],
+             "info": {"video.fps": fps, "video.codec": "av1"}}
+    (root / "meta" / "info.json").write_text(json.dumps({
+        "codebase_version": "v3.0", "fps": fps, "total_episodes": episodes, "total_frames": n,
+        "chunks_size": 1000, "splits": {"train": f"0:{episodes}"},
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+        "features": {"observation.state": {"dtype": "float32", "shape": [8]},
+                     "action": {"dtype": "float32", "shape": [7]},
+                     **{f"observation.images.{c}": video for c in cams},
+                     **{k: {"dtype": "int64", "shape": [1]} for k in
+                        ("frame_index", "episode_index", "index", "task_index")},
+                     "timestamp": {"dtype": "float32", "shape": [1]}}}))
+
+
 def benchmark_convert(folder: str, episodes: int = 40, steps: int = 100,
                       image_size: int = 84) -> list[dict]:
     """Conversion throughput (episodes/min) of each ``scripts/convert.py`` format on files
-    written in that format's layout: 2 cameras of ``image_size``, low-dim state and actions."""
+    written in that format's layout: 2 cameras of ``image_size``, low-dim state and actions
+    (LeRobot's as AV1 videos, decoded by the converter)."""
     import json
     from pathlib import Path
 
@@ -573,8 +637,10 @@ def benchmark_convert(folder: str, episodes: int = 40, steps: int = 100,
         "action_keys": ["action/cartesian_position", "action/gripper_position"],
         "image_keys": ["observation/exterior_image_1_left", "observation/wrist_image_left"],
         "proprio_keys": ["observation/cartesian_position", "observation/gripper_position"]}))
+    _write_lerobot_v30(root / "lerobot", episodes, steps, frames, rng)
     rows = []
-    for fmt, src in (("robomimic", "robomimic.hdf5"), ("icrt", "icrt.json")):
+    for fmt, src in (("robomimic", "robomimic.hdf5"), ("icrt", "icrt.json"),
+                     ("lerobot", "lerobot")):
         t0 = time.perf_counter()
         convert(ConvertConfig(format=fmt, input=str(root / src), out=str(root / f"{fmt}.zarr")),
                 progress=False)
