@@ -319,3 +319,16 @@ def test_damaged_shard_is_one_sentence_naming_key_and_episodes(tmp_path, damage,
     rows = (store.num_steps - 3, store.num_steps) if damage == "truncate" else (chunk, 2 * chunk)
     with pytest.raises(UserError, match=r"s\.zarr' is damaged: 'data/image_cam' " + message):
         store.read("image_cam", *rows)
+
+
+def test_a_store_without_its_commit_record_is_refused_in_one_sentence(tmp_path):
+    """Root attributes with the format but no episode count (a store another process is still
+    creating, or a damaged one) are a UserError, not a KeyError."""
+    path = tmp_path / "s.zarr"
+    EpisodeStore.create(path).close()
+    meta = json.loads((path / "zarr.json").read_text())
+    del meta["attributes"]["num_episodes"]
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"s\.zarr' is damaged: its attributes lack "
+                                        r"'num_episodes'"):
+        EpisodeStore.open(path)

@@ -298,6 +298,10 @@ class EpisodeStore:
                 f"Episode store '{path}' has format version {attrs.get('version')}, but this "
                 f"icrt reads version {VERSION}."
             )
+        missing = [k for k in ("num_episodes", "tasks", "keys") if k not in attrs]
+        if missing:  # a store another process is still creating, or a damaged one
+            raise _damaged(path, f"its attributes lack '{missing[0]}' (a store still being "
+                                 f"created reads like this)")
         lock = acquire_lock(path) if mode == "a" else None
         store = None
         try:
