@@ -139,7 +139,7 @@ def make_expert(env: str, task: str) -> Expert:
 
 # Episode seeds are drawn from separate streams per purpose, so demonstrations, held-out
 # prompts and evaluation episodes never share an initial state.
-SEED_STREAMS = {"train": 0, "prompt": 1, "eval": 2}
+SEED_STREAMS = {"train": 0, "prompt": 1, "eval": 2, "rl": 3, "dagger": 4}
 
 
 def check_env_args(image_size: int, cameras: Sequence[str], max_steps: int | None) -> None:

@@ -135,6 +135,9 @@ class MetaWorldEnv:
 class MetaWorldExpert:
     """Meta-World's own scripted policy for the task (reads the full observation)."""
 
+    # a function of the current observation only: it can label any state (DAgger)
+    stateless = True
+
     def __init__(self, task: str) -> None:
         from metaworld.policies import ENV_POLICY_MAP
 

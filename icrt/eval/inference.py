@@ -150,6 +150,17 @@ class InContextPolicy:
         self._append_observation(obs)
         return self._action_from(self._context_hidden())
 
+    def executed(self, action: np.ndarray) -> None:
+        """Say that ``action`` (raw units, as given to the environment) was executed instead
+        of the one :meth:`act` just returned (an expert's, as in DAgger's beta mixture); its
+        token, not the policy's, goes into the context."""
+        if self._pending_action is None:
+            raise UserError("executed() follows act(): there is no action to replace yet.")
+        if len(self.spec.action_keys) != 1:
+            raise UserError("executed() needs a policy with one action key.")
+        native = np.asarray(action, np.float32)[None]  # (1, A)
+        self._pending_action = self.codec.actions({self.spec.action_keys[0]: native}, 1)[0]
+
     def _append_observation(self, obs: Mapping[str, np.ndarray]) -> None:
         """Append the executed action's token (if any) and the state token of ``obs``."""
         self._check_keys(obs, "the observation", need_action=False)

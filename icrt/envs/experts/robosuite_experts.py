@@ -264,6 +264,31 @@ class _PickExpert(_StateMachine):
         """Lowest safe grip-site height for moving sideways toward the object."""
         return -math.inf
 
+    def sync_phase(self, env: Any) -> None:
+        """Bring the phase back in line with the simulator when another controller drives the
+        arm (DAgger labels the policy's states with :meth:`act`). The machine advances on its
+        own timers and checks, which assume its own actions were executed: a policy may grasp
+        earlier, drift during the descent, or leave the task undone when the machine thinks it
+        is retreating. Call before each :meth:`act`; on the machine's own path it changes
+        nothing."""
+        s = env.sim_state()
+        obj = self._obj_pos(s)
+        if "obj_z0" not in self.mem:  # where the object rests before anything moves it
+            self.mem["obj_z0"] = float(obj[2])
+        if not self._started:
+            return
+        if self.phase in ("approach", "descend", "close"):
+            closed_on_it = self._holding(s) and grip_width(s) < 0.07
+            if closed_on_it and obj[2] > self.mem["obj_z0"] + 0.01:  # already picked up
+                self.mem["grasp_eef"] = s["eef_pos"].copy()
+                self.goto("lift")
+            elif self.phase == "descend":
+                target, _ = self._grasp_target(s)
+                if np.linalg.norm((target - s["eef_pos"])[:2]) > 0.03:  # drifted sideways
+                    self.goto("approach")
+        elif self.phase == "retreat" and self.n > 10 and not env.check_success():
+            self.goto("approach")  # released somewhere the task is not done: start over
+
     def _after_grasp(self, s: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
