@@ -219,9 +219,9 @@ def test_state_file_config_record_is_complete(one_round):
     assert dagger_module.STATE_NAME == "dagger.json" and (out / "dagger.json").is_file()
 
 
-def _robosuite_lifted(env, driver, labeller):
-    """Drive Lift with ``driver`` until the cube is held 2 cm up; ``labeller`` saw step 0 only
-    (as an expert whose timers kept it in the approach while a policy grasped)."""
+def _robosuite_drive(env, driver, labeller, until):
+    """Drive Lift with ``driver`` until ``until(driver, cube z rise)``; ``labeller`` saw step 0
+    only (as an expert whose timers kept it in the approach while a policy went ahead)."""
     obs = env.reset(3)
     driver.reset(env)
     labeller.reset(env)
@@ -230,9 +230,13 @@ def _robosuite_lifted(env, driver, labeller):
     z0 = env.sim_state()["cube_pos"][2]
     for _ in range(env.max_steps):
         obs, _, _, _ = env.step(driver.act(env, obs))
-        if env.sim_state()["cube_pos"][2] > z0 + 0.02:
+        if until(driver, env.sim_state()["cube_pos"][2] - z0):
             return obs
-    raise AssertionError("the expert never lifted the cube")
+    raise AssertionError("the driver never got there")
+
+
+def _robosuite_lifted(env, driver, labeller):
+    return _robosuite_drive(env, driver, labeller, lambda d, rise: rise > 0.02)
 
 
 def test_robosuite_expert_relabels_from_the_state_not_its_own_timeline():
@@ -263,5 +267,14 @@ def test_robosuite_expert_relabels_from_the_state_not_its_own_timeline():
         obs = _robosuite_lifted(env, make_expert("robosuite", "Lift"), synced)
         synced.sync_phase(env)
         assert synced.phase == "lift" and synced.act(env, obs)[6] > 0
+        # down at the cube, fingers around it: "close", not "rise, open and re-align"
+        for labeller, sync in ((make_expert("robosuite", "Lift"), False),
+                               (make_expert("robosuite", "Lift"), True)):
+            obs = _robosuite_drive(env, make_expert("robosuite", "Lift"), labeller,
+                                   lambda d, rise: d.phase == "close" and d.n == 5)
+            if sync:
+                labeller.sync_phase(env)
+            label = labeller.act(env, obs)
+            assert (label[6] > 0) == sync and (label[2] > 0.5) != sync
     finally:
         env.close()

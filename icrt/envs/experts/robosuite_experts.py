@@ -267,10 +267,13 @@ class _PickExpert(_StateMachine):
     def sync_phase(self, env: Any) -> None:
         """Bring the phase back in line with the simulator when another controller drives the
         arm (DAgger labels the policy's states with :meth:`act`). The machine advances on its
-        own timers and checks, which assume its own actions were executed: a policy may grasp
+        own timers and checks, which assume its own actions were executed: a policy may go down
+        to the object without first turning to the machine's grasp yaw, close on it or lift it
         earlier, drift during the descent, or leave the task undone when the machine thinks it
-        is retreating. Call before each :meth:`act`; on the machine's own path it changes
-        nothing."""
+        is retreating. Without this the machine would label a policy already down at the object
+        with "rise and re-align" and one already closing on it with "open". Call before each
+        :meth:`act`; on the machine's own path it changes nothing (apart from retries after an
+        object slipped out of the hand)."""
         s = env.sim_state()
         obj = self._obj_pos(s)
         if "obj_z0" not in self.mem:  # where the object rests before anything moves it
@@ -278,10 +281,18 @@ class _PickExpert(_StateMachine):
         if not self._started:
             return
         if self.phase in ("approach", "descend", "close"):
-            closed_on_it = self._holding(s) and grip_width(s) < 0.07
-            if closed_on_it and obj[2] > self.mem["obj_z0"] + 0.01:  # already picked up
+            closing_on_it = self._holding(s) and grip_width(s) < 0.07
+            if closing_on_it and obj[2] > self.mem["obj_z0"] + 0.01:  # already picked up
                 self.mem["grasp_eef"] = s["eef_pos"].copy()
                 self.goto("lift")
+            elif closing_on_it and self.phase != "close":  # the fingers already close on it
+                self.goto("close")
+            elif self.phase == "approach" and self.n > 0:  # n > 0: the grasp is planned
+                target, _ = self._grasp_target(s)
+                offset = np.linalg.norm((target - s["eef_pos"])[:2])
+                down = s["eef_pos"][2] < target[2] + self.hover - 0.03
+                if down and offset < 0.02 and grip_width(s) > 0.07:  # already at the object
+                    self.goto("descend")
             elif self.phase == "descend":
                 target, _ = self._grasp_target(s)
                 if np.linalg.norm((target - s["eef_pos"])[:2]) > 0.03:  # drifted sideways
