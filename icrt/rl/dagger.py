@@ -31,8 +31,10 @@ from its last checkpoint, and a finished evaluation is read back.
 Expert labels off the expert's own path: Meta-World's scripted policies are functions of the
 current observation, so any state can be labelled. The robosuite experts are state machines
 whose phase advances on their own timers and checks; before each label their phase is brought
-back in line with the simulator (``sync_phase``: an object already grasped skips to lifting, a
-descent that drifted goes back to the approach, a retreat from an undone task starts over).
+back in line with the simulator (``sync_phase``: a gripper already down at the object skips to
+the descent, fingers already closing on it to the close phase, an object already lifted to the
+lift phase, a descent that drifted goes back to the approach, a retreat from an undone task
+starts over). An expert with neither property is refused.
 """
 
 from __future__ import annotations
