@@ -75,6 +75,9 @@ SIMULATORS: dict[str, Simulator] = {
                            "icrt.envs.robosuite:robosuite_tasks",
                            "icrt.envs.robosuite:make_robosuite_expert",
                            ("agentview", "robot0_eye_in_hand")),
+    # a point mass reaching a goal: seconds-long tests of collection, training, PPO, DAgger
+    "toy": Simulator("icrt.envs.toy:make_toy_env", "icrt.envs.toy:toy_tasks",
+                     "icrt.envs.toy:make_toy_expert", ()),
 }
 
 

@@ -125,22 +125,29 @@ class InContextPolicy:
         Each demo holds the checkpoint's observation keys and its action key(s) as (T, ...)
         arrays (e.g. ``EpisodeStore.episode(i)``). An empty list means no prompt.
         """
-        tokens: list[torch.Tensor] = []
         with torch.no_grad():
-            for i, demo in enumerate(demos):
-                self._check_keys(demo, f"prompt demonstration {i}", need_action=True)
-                T = len(demo[self.spec.action_keys[0]])
-                obs = self._obs_tensors(demo, T)
-                actions = self._action_inputs(self.codec.actions(demo, T))
-                prompt = torch.ones(1, T, dtype=torch.bool, device=self.device)
-                s = self.model.mark_prompt(self.model.state_tokens(obs), prompt)  # (1, T, D)
-                a = self.model.mark_prompt(self.model.action_tokens(actions), prompt)
-                tokens += list(self.model.interleave(s, a)[0])
+            tokens = list(self.demo_tokens(demos))
         if len(tokens) > self.max_tokens:
             log.warning("the prompt has %d tokens but the context holds %d; keeping the most "
                         "recent ones", len(tokens), self.max_tokens)
         self._prompt_tokens = tokens
         self.reset()
+
+    def demo_tokens(self, demos: Sequence[Mapping[str, np.ndarray]]) -> torch.Tensor:
+        """The (N, D) tokens of demonstrations, s0 a0 s1 a1 ... of each in turn (N = 0 for
+        none); with gradients when called outside ``no_grad`` (RL fine-tuning recomputes the
+        prompt this way)."""
+        tokens = [torch.zeros(0, self.model.d_model, device=self.device)]
+        for i, demo in enumerate(demos):
+            self._check_keys(demo, f"prompt demonstration {i}", need_action=True)
+            T = len(demo[self.spec.action_keys[0]])
+            obs = self._obs_tensors(demo, T)
+            actions = self._action_inputs(self.codec.actions(demo, T))
+            prompt = torch.ones(1, T, dtype=torch.bool, device=self.device)
+            s = self.model.mark_prompt(self.model.state_tokens(obs), prompt)  # (1, T, D)
+            a = self.model.mark_prompt(self.model.action_tokens(actions), prompt)
+            tokens.append(self.model.interleave(s, a)[0])
+        return torch.cat(tokens)
 
     # ------------------------------------------------------------------ acting
 
@@ -170,12 +177,16 @@ class InContextPolicy:
         state = self.model.state_tokens(self._obs_tensors(obs, None))  # (1, 1, D)
         self._tokens.append(state[0, 0])
 
-    def _action_from(self, hidden: torch.Tensor) -> np.ndarray:
-        """The action to execute now, given the feature (D,) at the newest state token."""
+    def _action_from(self, hidden: torch.Tensor, chunk: torch.Tensor | None = None
+                     ) -> np.ndarray:
+        """The action to execute now, given the feature (D,) at the newest state token;
+        ``chunk`` (K, A), normalised, is executed instead of the head's prediction (RL
+        exploration draws it from the policy's action distribution)."""
         need_chunk = self.execution == "ensemble" or not self._queue
         if need_chunk:
-            chunk = self.model.predict_chunk(hidden[None], generator=self._generator,
-                                             deterministic=self.deterministic)[0]  # (K, A)
+            if chunk is None:
+                chunk = self.model.predict_chunk(hidden[None], generator=self._generator,
+                                                 deterministic=self.deterministic)[0]  # (K, A)
             absolute = self.codec.decode_chunk(chunk.float().cpu().numpy(),
                                                self._current_proprio)  # (K, A') 6D layout
             if self.execution == "ensemble":

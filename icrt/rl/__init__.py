@@ -1,0 +1,1 @@
+"""Policy improvement from the policy's own rollouts: PPO fine-tuning and interactive DAgger."""
