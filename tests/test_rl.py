@@ -51,7 +51,8 @@ def toy(tmp_path_factory):
 def _cfg(root, run, out, **kw):
     base = dict(il_ckpt_path=str(run), prompt_dataset=str(root / "toy_prompts.json"),
                 output_dir=str(out), num_train_processes=1, episodes_per_update=4,
-                num_minibatches=2, ppo_epochs=2, max_updates=1, critic_warmup_updates=0)
+                num_minibatches=2, ppo_epochs=2, max_updates=1, critic_warmup_updates=0,
+                val_every=0)
     return PPOConfig(**{**base, **kw})
 
 
@@ -95,11 +96,14 @@ def test_heads_without_a_likelihood_are_refused(head):
 
 def test_first_minibatch_ratio_is_one_and_warmup_freezes_the_actor(toy, tmp_path):
     root, run = toy
-    out = finetune(_cfg(root, run, tmp_path / "a", max_updates=2, critic_warmup_updates=1),
-                   progress=False)
-    warm, first = out["history"]
+    out = finetune(_cfg(root, run, tmp_path / "a", max_updates=2, critic_warmup_updates=1,
+                        val_every=1, val_episodes=3), progress=False)
+    start, warm, first = out["history"]
+    assert start["update"] == 0 and "success_rate" not in start
     assert warm["critic_warmup"] and "policy_loss" not in warm and warm["value_loss"] > 0
     assert first["first_minibatch_max_ratio_dev"] < 1e-3
+    # validation acts with the mean: the frozen actor of the warm-up validates as the start
+    assert warm["val_success/point-reach"] == start["val_success/point-reach"]
     # warm-up only: the actor is bitwise the imitation policy, the critic has learned
     out1 = finetune(_cfg(root, run, tmp_path / "w", critic_warmup_updates=1), progress=False)
     assert out1["history"][0]["critic_warmup"]
@@ -155,7 +159,8 @@ def test_resume_after_kill_continues_exactly(toy, tmp_path):
     args = [sys.executable, str(ROOT / "scripts" / "finetune_rl.py"), "--il-ckpt-path", str(run),
             "--prompt-dataset", str(root / "toy_prompts.json"), "--num-train-processes", "1",
             "--episodes-per-update", "4", "--num-minibatches", "2", "--ppo-epochs", "2",
-            "--max-updates", "4", "--critic-warmup-updates", "1", "--actor-lr", "1e-4"]
+            "--max-updates", "4", "--critic-warmup-updates", "1", "--actor-lr", "1e-4",
+            "--val-every", "2", "--val-episodes", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([*args, "--output-dir", str(tmp_path / "ref")], check=True, env=env,
                    capture_output=True)
@@ -175,5 +180,7 @@ def test_resume_after_kill_continues_exactly(toy, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ha = json.loads((tmp_path / "ref" / "checkpoint-4" / "rl_history.json").read_text())
     hb = json.loads((tmp_path / "cut" / "checkpoint-4" / "rl_history.json").read_text())
-    assert [h["success_rate"] for h in ha] == [h["success_rate"] for h in hb]
+    assert [h.get("success_rate") for h in ha] == [h.get("success_rate") for h in hb]
+    assert [h.get("val_success") for h in ha] == [h.get("val_success") for h in hb]
+    assert "val_success" in ha[0] and "val_success" in ha[-1]
     assert [h["env_steps"] for h in ha] == [h["env_steps"] for h in hb]

@@ -10,6 +10,7 @@ reports ``done``, or at ``env.max_steps``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,5 +121,21 @@ def worker_pool(workers: int, initializer: Callable[..., None], initargs: tuple 
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=initializer,
-                               initargs=initargs)
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                               initializer=_watched_init,
+                               initargs=(os.getpid(), initializer, initargs))
+
+
+def _watched_init(parent: int, initializer: Callable[..., None], initargs: tuple) -> None:
+    """A worker exits once its parent is gone (killed mid-rollout, it would otherwise keep
+    running its episode and hold the CPU)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    initializer(*initargs)

@@ -142,6 +142,11 @@ class PPOConfig:
     execution: Literal["ensemble", "open_loop"] = "ensemble"
     open_loop_steps: int | None = None
     ensemble_decay: float = 0.01
+    # Validate the policy's mean (no exploration noise, as scripts/eval.py acts) every N
+    # updates and before the first, on --val-episodes fixed layouts per task of the RL seed
+    # stream that no training rollout uses; plotted beside the rollout success (0: never).
+    val_every: int = 5
+    val_episodes: int = 16
     # Checkpoint every N updates (and after the last); keep the newest N (0: all).
     save_every: int = 1
     keep_last: int = 3
@@ -270,6 +275,7 @@ class _RolloutJob:
     shaped_reward_scale: float
     init_log_std: float
     episodes: tuple[_RLEpisode, ...]
+    greedy: bool = False  # act with the mean chunk (validation), record nothing to learn from
 
 
 _WORKER: dict[str, Any] = {}
@@ -319,8 +325,9 @@ def _demos(paths: tuple[tuple[str, int], ...], stores: dict) -> list[dict[str, n
 
 def run_rl_episode(policy: Any, dist: ChunkDistribution, env: Any, ep: _RLEpisode,
                    demos: list[dict[str, np.ndarray]], reward: str = "sparse",
-                   shaped_reward_scale: float = 0.01) -> dict[str, Any]:
-    """One prompted episode acting with chunks drawn from ``dist``; what the update needs."""
+                   shaped_reward_scale: float = 0.01, greedy: bool = False) -> dict[str, Any]:
+    """One prompted episode acting with chunks drawn from ``dist``; what the update needs
+    (``greedy``: acting with the head's own chunk, as evaluation does; success and length)."""
     policy.prompt(demos)
     policy.reset(seed=ep.noise_seed)
     generator = torch.Generator().manual_seed(ep.noise_seed)
@@ -332,6 +339,8 @@ def run_rl_episode(policy: Any, dist: ChunkDistribution, env: Any, ep: _RLEpisod
     executed, chunks, log_probs, offsets, rewards = [], [], [], [], []
     prompt_len = len(policy._prompt_tokens)
     with torch.no_grad():
+        while greedy and not runner.done:
+            runner.step(policy.act(runner.obs))
         while not runner.done:
             for k in keys:
                 steps[k].append(np.asarray(runner.obs[k]))
@@ -349,6 +358,9 @@ def run_rl_episode(policy: Any, dist: ChunkDistribution, env: Any, ep: _RLEpisod
                 r += shaped_reward_scale * float(runner._rewards[-1])
             rewards.append(r)
     result = runner.finish()
+    if greedy:
+        return {"task": ep.task, "index": ep.index, "success": bool(result.success),
+                "length": int(result.length)}
     return {
         "task": ep.task, "index": ep.index, "seed": ep.seed, "prompts": ep.prompts,
         "obs": {k: np.stack(v) for k, v in steps.items()},
@@ -374,7 +386,7 @@ def _rollout(job: _RolloutJob) -> list[dict[str, Any]]:
         if key not in envs:
             envs[key] = make_env(job.env, ep.task, **dict(job.env_kwargs))
         out.append(run_rl_episode(policy, dist, envs[key], ep, _demos(ep.prompts, stores),
-                                  job.reward, job.shaped_reward_scale))
+                                  job.reward, job.shaped_reward_scale, job.greedy))
     return out
 
 
@@ -609,11 +621,28 @@ def _episodes_of(cfg: PPOConfig, plan: _Plan, update: int) -> list[_RLEpisode]:
     return out
 
 
+def _validation_episodes(cfg: PPOConfig, plan: _Plan) -> list[_RLEpisode]:
+    """Fixed layouts and prompts for validating the mean policy: negative indices of the RL
+    stream, which training rollouts (indices 0, 1, ...) never reach."""
+    out = []
+    for task in plan.tasks:
+        pool = plan.pool[task]
+        for i in range(cfg.val_episodes):
+            index = -1 - i
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode()), 2**20 + i, 6])
+            prompts = tuple(pool[k] for k in rng.choice(len(pool), cfg.num_prompts,
+                                                          replace=False))
+            out.append(_RLEpisode(task, index, episode_seed(cfg.seed, "rl", task, 2**30 + i),
+                                  int(rng.integers(2**31 - 1)), prompts))
+    return out
+
+
 def _recorded(cfg: PPOConfig) -> dict[str, Any]:
     """What must match to resume a run (everything but where and how fast it runs)."""
     d = asdict(cfg)
     for k in ("output_dir", "num_train_processes", "threads_per_process", "learner_threads",
-              "max_updates", "max_env_steps", "save_every", "keep_last"):
+              "max_updates", "max_env_steps", "save_every", "keep_last", "val_every",
+              "val_episodes"):
         d.pop(k)
     d["il_ckpt_path"] = str(Path(cfg.il_ckpt_path).resolve())
     return d
@@ -625,10 +654,15 @@ def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["env_steps"] for h in history]
+    rollouts = [h for h in history if "success_rate" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.plot(steps, [100 * h["success_rate"] for h in history], "o-", ms=3,
+    ax.plot([h["env_steps"] for h in rollouts], [100 * h["success_rate"] for h in rollouts],
+            "o-", ms=3,
             label="rollout success (exploring)")
+    val = [(h["env_steps"], 100 * h["val_success"]) for h in history if "val_success" in h]
+    if val:
+        ax.plot([v[0] for v in val], [v[1] for v in val], "s-", ms=4,
+                label="validation success (mean action)")
     warm = [h["env_steps"] for h in history if h["critic_warmup"]]
     if warm:
         ax.axvspan(0, max(warm), color="0.9", label="critic warm-up")
@@ -642,6 +676,14 @@ def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _validate(results: list[dict[str, Any]], tasks: list[str]) -> dict[str, float]:
+    out = {"val_success": float(np.mean([r["success"] for r in results]))}
+    for task in tasks:
+        out[f"val_success/{task}"] = float(np.mean([r["success"] for r in results
+                                                    if r["task"] == task]))
+    return out
 
 
 def finetune(cfg: PPOConfig, progress: bool = True) -> dict[str, Any]:
@@ -705,26 +747,40 @@ def finetune(cfg: PPOConfig, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(total=cfg.max_updates, initial=start, desc="ppo", unit="update",
                disable=not progress)
     pool = worker_pool(cfg.num_train_processes, _worker_init, (cfg.threads_per_process,))
+    val_eps = _validation_episodes(cfg, plan)
+
+    def publish() -> None:  # the current weights, for the rollout processes
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if learner.dist.log_std is not None:
+            state["__log_std__"] = learner.dist.log_std.detach().clone()
+        with atomic_path(weights) as tmp:
+            save_file(state, str(tmp))
+
+    def run(eps: list[_RLEpisode], version: int, greedy: bool = False) -> list[dict[str, Any]]:
+        """Episodes spread over the rollout processes at the published weights (``version``
+        tells a process whether to reload them)."""
+        n = cfg.num_train_processes
+        jobs = [_RolloutJob(str(ckpt.path), str(weights), version, plan.env,
+                            tuple(sorted(plan.env_kwargs.items())), policy_kwargs, cfg.reward,
+                            cfg.shaped_reward_scale, cfg.init_log_std, tuple(eps[i::n]), greedy)
+                for i in range(n) if eps[i::n]]
+        out = []
+        for f in as_completed([pool.submit(_rollout, j) for j in jobs]):
+            out += f.result()
+        return sorted(out, key=lambda r: r["index"])
     try:
         for update in range(start, cfg.max_updates):
             if cfg.max_env_steps and env_steps >= cfg.max_env_steps:
                 break
             t0 = time.perf_counter()
-            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-            if learner.dist.log_std is not None:
-                state["__log_std__"] = learner.dist.log_std.detach().clone()
-            with atomic_path(weights) as tmp:
-                save_file(state, str(tmp))
-            eps = _episodes_of(cfg, plan, update)
-            n = cfg.num_train_processes
-            jobs = [_RolloutJob(str(ckpt.path), str(weights), update, plan.env,
-                                tuple(sorted(plan.env_kwargs.items())), policy_kwargs,
-                                cfg.reward, cfg.shaped_reward_scale, cfg.init_log_std,
-                                tuple(eps[i::n])) for i in range(n) if eps[i::n]]
-            episodes = []
-            for f in as_completed([pool.submit(_rollout, j) for j in jobs]):
-                episodes += f.result()
-            episodes.sort(key=lambda e: e["index"])
+            publish()
+            if cfg.val_every and update == 0 and not history:  # the starting checkpoint
+                val = _validate(run(val_eps, update, greedy=True), plan.tasks)
+                history.append({"update": 0, "env_steps": 0, "critic_warmup": True, **val})
+                text_log.write(json.dumps(history[-1]) + "\n")
+                for k, v in val.items():
+                    tb.add_scalar(k if "/" in k else f"ppo/{k}", v, 0)
+            episodes = run(_episodes_of(cfg, plan, update), update)
             t1 = time.perf_counter()
             warm = update < cfg.critic_warmup_updates
             losses = learner.update(episodes, update, actor_frozen=warm)
@@ -738,6 +794,11 @@ def finetune(cfg: PPOConfig, progress: bool = True) -> dict[str, Any]:
             for task in plan.tasks:
                 rec[f"success/{task}"] = float(np.mean(
                     [e["success"] for e in episodes if e["task"] == task]))
+            if cfg.val_every and (update + 1) % cfg.val_every == 0:
+                publish()
+                t2 = time.perf_counter()
+                rec.update(_validate(run(val_eps, update + 1, greedy=True), plan.tasks))
+                rec["val_seconds"] = time.perf_counter() - t2
             history.append(rec)
             text_log.write(json.dumps(rec) + "\n")
             for k, v in rec.items():
@@ -754,7 +815,8 @@ def finetune(cfg: PPOConfig, progress: bool = True) -> dict[str, Any]:
                 _plot(history, run_dir / "success_curve.png", title)
             bar.update(1)
             bar.set_postfix(success=f"{rec['success_rate']:.2f}", steps=env_steps,
-                            warmup=warm)
+                            warmup=warm, **({"val": f"{rec['val_success']:.2f}"}
+                                            if "val_success" in rec else {}))
     finally:
         bar.close()
         pool.shutdown(cancel_futures=True)
