@@ -25,8 +25,9 @@ FLaRe's stabilisers are the defaults, each a flag: a separate critic (an MLP ove
 features with gradients stopped, or over the observation alone), critic warm-up updates with the
 actor frozen, a small actor learning rate, clip 0.1, no entropy bonus, gradient clipping. The
 reward is sparse (1 at the simulator's first success, which ends the episode); ``--reward
-shaped`` adds the simulator's own reward, scaled. The critic also sees the fraction of the
-episode's step limit used, so ending at the limit is a true terminal.
+shaped`` adds potential-based shaping with the simulator's own reward as the potential. The
+critic also sees the fraction of the episode's step limit used, so ending at the limit is a true
+terminal.
 
 Every update writes RUN/checkpoint-<update>/ in the usual layout (``scripts/eval.py
 --checkpoint RUN`` evaluates it unchanged) with the optimiser, critic and log-std in its
@@ -109,8 +110,10 @@ class PPOConfig:
     max_updates: int = 50
     # Stop once this many environment steps were taken (0: no limit).
     max_env_steps: int = 0
-    # sparse: 1 at the first success (which ends the episode), else 0. shaped: plus the
-    # simulator's own reward times --shaped-reward-scale at every step.
+    # sparse: 1 at the first success (which ends the episode), else 0. shaped: plus
+    # potential-based shaping with the simulator's own reward (times --shaped-reward-scale)
+    # as the potential of the state it leads to, gamma*phi(s') - phi(s): a dense signal that
+    # leaves the best policy unchanged and pays nothing for lingering before success.
     reward: Literal["sparse", "shaped"] = "sparse"
     shaped_reward_scale: float = 0.01
     # Discount and GAE lambda.
@@ -124,6 +127,14 @@ class PPOConfig:
     # Learning rates of the actor (the whole policy and its log-std) and the critic.
     actor_lr: float = 3e-5
     critic_lr: float = 3e-4
+    # Weight of a behaviour-cloning loss on the checkpoint's own training demonstrations (all
+    # its tasks), added at every actor step so that PPO on some tasks does not erase what the
+    # policy does on the others (0: off), and its batch size in sequences.
+    bc_coef: float = 5.0
+    bc_batch_size: int = 8
+    # Stop an update's remaining actor minibatches once the approximate KL divergence from the
+    # rollout policy exceeds this (0: never); the critic keeps training.
+    target_kl: float = 0.03
     # Gradient-norm clip, for the actor and the critic each.
     max_grad_norm: float = 0.5
     # Entropy bonus (FLaRe: none).
@@ -162,12 +173,12 @@ class PPOConfig:
                             f"{self.num_train_processes}).")
         for name in ("num_prompts", "episodes_per_update", "max_updates", "ppo_epochs",
                      "num_minibatches", "save_every", "threads_per_process", "learner_threads",
-                     "critic_hidden_dim"):
+                     "critic_hidden_dim", "bc_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 "
                                 f"(got {getattr(self, name)}).")
         for name in ("max_env_steps", "critic_warmup_updates", "keep_last", "entropy_coef",
-                     "shaped_reward_scale"):
+                     "shaped_reward_scale", "target_kl", "val_every", "bc_coef"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0.")
         for name in ("actor_lr", "critic_lr", "clip", "max_grad_norm"):
@@ -271,8 +282,6 @@ class _RolloutJob:
     env: str
     env_kwargs: tuple[tuple[str, Any], ...]
     policy_kwargs: tuple[tuple[str, Any], ...]
-    reward: str
-    shaped_reward_scale: float
     init_log_std: float
     episodes: tuple[_RLEpisode, ...]
     greedy: bool = False  # act with the mean chunk (validation), record nothing to learn from
@@ -324,8 +333,7 @@ def _demos(paths: tuple[tuple[str, int], ...], stores: dict) -> list[dict[str, n
 
 
 def run_rl_episode(policy: Any, dist: ChunkDistribution, env: Any, ep: _RLEpisode,
-                   demos: list[dict[str, np.ndarray]], reward: str = "sparse",
-                   shaped_reward_scale: float = 0.01, greedy: bool = False) -> dict[str, Any]:
+                   demos: list[dict[str, np.ndarray]], greedy: bool = False) -> dict[str, Any]:
     """One prompted episode acting with chunks drawn from ``dist``; what the update needs
     (``greedy``: acting with the head's own chunk, as evaluation does; success and length)."""
     policy.prompt(demos)
@@ -353,10 +361,7 @@ def run_rl_episode(policy: Any, dist: ChunkDistribution, env: Any, ep: _RLEpisod
             chunks.append(chunk[0].numpy())
             log_probs.append(float(lp[0]))
             runner.step(action)
-            r = 1.0 if runner.ep.success_step == runner.ep.length else 0.0
-            if reward == "shaped":
-                r += shaped_reward_scale * float(runner._rewards[-1])
-            rewards.append(r)
+            rewards.append(1.0 if runner.ep.success_step == runner.ep.length else 0.0)
     result = runner.finish()
     if greedy:
         return {"task": ep.task, "index": ep.index, "success": bool(result.success),
@@ -369,7 +374,8 @@ def run_rl_episode(policy: Any, dist: ChunkDistribution, env: Any, ep: _RLEpisod
         "log_probs": np.asarray(log_probs, np.float32),
         "offsets": np.asarray(offsets, np.int64),
         "prompt_tokens": prompt_len,
-        "rewards": np.asarray(rewards, np.float32),
+        "rewards": np.asarray(rewards, np.float32),  # sparse
+        "env_rewards": np.asarray(runner._rewards[: len(rewards)], np.float32),
         "success": bool(result.success),
         "length": int(result.length),
         "max_steps": int(env.max_steps),
@@ -386,7 +392,7 @@ def _rollout(job: _RolloutJob) -> list[dict[str, Any]]:
         if key not in envs:
             envs[key] = make_env(job.env, ep.task, **dict(job.env_kwargs))
         out.append(run_rl_episode(policy, dist, envs[key], ep, _demos(ep.prompts, stores),
-                                  job.reward, job.shaped_reward_scale, job.greedy))
+                                  job.greedy))
     return out
 
 
@@ -415,6 +421,17 @@ def episode_features(policy: Any, ep: dict[str, Any], demos: list[dict]) -> Tens
     return hidden
 
 
+def episode_rewards(ep: dict[str, Any], cfg: PPOConfig) -> np.ndarray:
+    """The rewards PPO learns from: sparse success, plus (``--reward shaped``) the shaping
+    gamma*phi(s_{t+1}) - phi(s_t) with phi(s_{t+1}) = scale * the simulator's reward of step
+    t (and phi(s_0) = phi(s_1), the first state's own potential being unknown)."""
+    if cfg.reward == "sparse":
+        return ep["rewards"]
+    phi = cfg.shaped_reward_scale * ep["env_rewards"].astype(np.float64)  # phi(s_1..s_T)
+    before = np.concatenate([phi[:1], phi[:-1]])  # phi(s_0..s_{T-1})
+    return (ep["rewards"] + cfg.gamma * phi - before).astype(np.float32)
+
+
 def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np.ndarray:
     """Advantages of one episode that ends in a terminal state (success or the step limit,
     which the time input of the critic makes terminal)."""
@@ -426,6 +443,22 @@ def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np
         last = delta + gamma * lam * last
         adv[t] = last
     return adv
+
+
+def _bc_dataset(ckpt: Any) -> Any:
+    """The checkpoint's training sequences, as its training run built them."""
+    from icrt.data.sequence import SequenceDataset
+
+    cfg = ckpt.config
+    path = cfg.dataset_cfg.dataset_json
+    if not Path(path).is_file():
+        raise UserError(f"The behaviour-cloning loss needs checkpoint '{ckpt.path}''s training "
+                        f"data '{path}', which is missing; run from where it was trained, or "
+                        f"pass --bc-coef 0.")
+    split = ckpt.path.parent / "split.json"
+    return SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, "train",
+                           split_file=split if split.is_file() else None,
+                           use_cached_features=cfg.model_cfg.vision_encoder_cfg.use_cached_features)
 
 
 class PPOLearner:
@@ -447,6 +480,17 @@ class PPOLearner:
         self.actor_opt = torch.optim.Adam(actor_params, lr=cfg.actor_lr, eps=1e-5)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, eps=1e-5)
         self._stores: dict[str, Any] = {}
+        self.bc_data = _bc_dataset(policy.checkpoint) if cfg.bc_coef > 0 else None
+
+    def bc_loss(self, update: int, step: int) -> Tensor:
+        """The imitation loss on a batch of the checkpoint's training sequences (a fixed
+        function of the update and the actor step, so a resumed run draws the same)."""
+        ds = self.bc_data
+        ds.set_epoch(update)
+        rng = np.random.default_rng([self.cfg.seed, update, step, 13])
+        idx = rng.choice(len(ds), self.cfg.bc_batch_size, replace=len(ds) < self.cfg.bc_batch_size)
+        batch = torch.utils.data.default_collate([ds[int(i)] for i in idx])
+        return self.model(batch)["loss"]
 
     def critic_input(self, ep: dict[str, Any], hidden: Tensor) -> Tensor:
         if self.cfg.critic == "features":
@@ -468,7 +512,7 @@ class PPOLearner:
                 tf = torch.arange(ep["length"], dtype=torch.float32) / ep["max_steps"]
                 x = self.critic_input(ep, h)
                 v = self.critic(x, tf).numpy()
-                adv = gae(ep["rewards"], v, cfg.gamma, cfg.gae_lambda)
+                adv = gae(episode_rewards(ep, cfg), v, cfg.gamma, cfg.gae_lambda)
                 adv_all.append(adv)
                 ret_all.append(adv + v)
                 cached.append((x, tf))
@@ -480,6 +524,7 @@ class PPOLearner:
         stats: dict[str, list[float]] = {"value_loss": [], "policy_loss": [], "clip_frac": [],
                                          "approx_kl": [], "entropy": []}
         first_ratio_dev = None
+        kl_stop, actor_steps = False, 0
         for _ in range(cfg.ppo_epochs):
             order = rng.permutation(len(episodes))
             for mb in np.array_split(order, cfg.num_minibatches):
@@ -491,7 +536,7 @@ class PPOLearner:
                     ep = episodes[i]
                     w = ep["length"] / n_steps
                     ret = torch.from_numpy(ret_all[i])
-                    if actor_frozen:  # features cannot change: the cached critic input serves
+                    if actor_frozen or kl_stop:  # no actor step: the cached critic input serves
                         x, tf = cached[i]
                     else:
                         h = episode_features(self.policy, ep, self.demos(ep))
@@ -519,14 +564,24 @@ class PPOLearner:
                     stats["value_loss"].append(float(value_loss.detach()))
                 if first_ratio_dev is None and not actor_frozen:
                     first_ratio_dev = mb_dev
-                if not actor_frozen:
-                    nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)
-                    self.actor_opt.step()
+                if not (actor_frozen or kl_stop):
+                    # the KL of this minibatch, before its step: past the target, stop here
+                    kl_stop = bool(cfg.target_kl) and float(
+                        np.mean(stats["approx_kl"][-len(mb):])) > cfg.target_kl
+                    if not kl_stop:
+                        if self.bc_data is not None:
+                            bc = self.bc_loss(update, actor_steps)
+                            (cfg.bc_coef * bc).backward()
+                            stats.setdefault("bc_loss", []).append(float(bc.detach()))
+                        nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)
+                        self.actor_opt.step()
+                        actor_steps += 1
                 nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
                 self.critic_opt.step()
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
         if first_ratio_dev is not None:
             out["first_minibatch_max_ratio_dev"] = first_ratio_dev
+            out["actor_steps"] = actor_steps
         if self.dist.log_std is not None:
             out["std"] = float(self.dist.log_std.detach().exp().mean())
         return out
@@ -761,8 +816,8 @@ def finetune(cfg: PPOConfig, progress: bool = True) -> dict[str, Any]:
         tells a process whether to reload them)."""
         n = cfg.num_train_processes
         jobs = [_RolloutJob(str(ckpt.path), str(weights), version, plan.env,
-                            tuple(sorted(plan.env_kwargs.items())), policy_kwargs, cfg.reward,
-                            cfg.shaped_reward_scale, cfg.init_log_std, tuple(eps[i::n]), greedy)
+                            tuple(sorted(plan.env_kwargs.items())), policy_kwargs,
+                            cfg.init_log_std, tuple(eps[i::n]), greedy)
                 for i in range(n) if eps[i::n]]
         out = []
         for f in as_completed([pool.submit(_rollout, j) for j in jobs]):
@@ -788,7 +843,8 @@ def finetune(cfg: PPOConfig, progress: bool = True) -> dict[str, Any]:
             rec = {"update": update + 1, "env_steps": env_steps,
                    "success_rate": float(np.mean([e["success"] for e in episodes])),
                    "mean_length": float(np.mean([e["length"] for e in episodes])),
-                   "mean_return": float(np.mean([e["rewards"].sum() for e in episodes])),
+                   "mean_return": float(np.mean([episode_rewards(e, cfg).sum()
+                                                 for e in episodes])),
                    "critic_warmup": warm, "rollout_seconds": t1 - t0,
                    "update_seconds": time.perf_counter() - t1, **losses}
             for task in plan.tasks:
