@@ -677,8 +677,8 @@ def _episodes_of(cfg: PPOConfig, plan: _Plan, update: int) -> list[_RLEpisode]:
 
 
 def _validation_episodes(cfg: PPOConfig, plan: _Plan) -> list[_RLEpisode]:
-    """Fixed layouts and prompts for validating the mean policy: negative indices of the RL
-    stream, which training rollouts (indices 0, 1, ...) never reach."""
+    """Fixed layouts and prompts for validating the mean policy: indices from 2**30 of the RL
+    seed stream, which training rollouts (indices 0, 1, ...) never reach."""
     out = []
     for task in plan.tasks:
         pool = plan.pool[task]
