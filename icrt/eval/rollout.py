@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -246,17 +247,7 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
     if problem:
         raise UserError(f"Checkpoint '{ckpt.path}' is damaged ({problem}).")
     spec = ckpt.spec
-    env_name = cfg.env or spec.env.get("name")
-    if not env_name:
-        raise UserError(f"Checkpoint '{ckpt.path}' does not record its simulator; pass --env.")
-    tasks = list(cfg.tasks or spec.tasks)
-    check_tasks(env_name, tasks)
-    cameras = tuple(k.removeprefix("image_") for k in spec.camera_keys)
-    env_kwargs: dict[str, Any] = {"cameras": cameras,
-                                  "image_size": spec.image_shape[0] if spec.image_shape else 0}
-    if cfg.max_steps is not None:
-        env_kwargs["max_steps"] = cfg.max_steps
-    _check_env_matches(env_name, tasks[0], env_kwargs, spec, ckpt.path)
+    env_name, tasks, env_kwargs = checkpoint_env(ckpt, cfg.env, cfg.tasks, cfg.max_steps)
     if cfg.no_prompt:
         pool: dict[str, list] = {t: [] for t in tasks}
     else:
@@ -312,6 +303,26 @@ def _prompted_tasks(cfg: EvalConfig, env_name: str, tasks: list[str],
     finally:
         env.close()
     return dict(zip(tasks, cfg.prompt_tasks, strict=True))
+
+
+def checkpoint_env(ckpt: Any, env: str | None, tasks: Sequence[str] | None,
+                   max_steps: int | None) -> tuple[str, list[str], dict[str, Any]]:
+    """The simulator (default: the checkpoint's), tasks (default: its training tasks) and
+    simulator arguments (its cameras and image size) to run ``ckpt`` in, checked against the
+    observation and action layout it was trained on."""
+    spec = ckpt.spec
+    env_name = env or spec.env.get("name")
+    if not env_name:
+        raise UserError(f"Checkpoint '{ckpt.path}' does not record its simulator; pass --env.")
+    tasks = list(tasks or spec.tasks)
+    check_tasks(env_name, tasks)
+    cameras = tuple(k.removeprefix("image_") for k in spec.camera_keys)
+    env_kwargs: dict[str, Any] = {"cameras": cameras,
+                                  "image_size": spec.image_shape[0] if spec.image_shape else 0}
+    if max_steps is not None:
+        env_kwargs["max_steps"] = max_steps
+    _check_env_matches(env_name, tasks[0], env_kwargs, spec, ckpt.path)
+    return env_name, tasks, env_kwargs
 
 
 def _check_env_matches(env_name: str, task: str, env_kwargs: dict, spec: Any, path: Path) -> None:

@@ -57,7 +57,7 @@ import tyro
 from torch import Tensor, nn
 
 from icrt.config import EvalConfig
-from icrt.envs.base import check_tasks, episode_seed, make_env
+from icrt.envs.base import episode_seed, make_env
 from icrt.envs.episode import EpisodeRunner, worker_pool
 from icrt.errors import UserError
 from icrt.fsutil import atomic_path, atomic_write_text, check_output_dir
@@ -617,27 +617,17 @@ class _Plan:
 
 
 def _plan(cfg: PPOConfig, ckpt: Any) -> _Plan:
-    from icrt.eval.rollout import _check_env_matches, _prompt_pool, _training_episodes
+    from icrt.eval.rollout import _prompt_pool, _training_episodes, checkpoint_env
 
     if not cfg.prompt_dataset:
         raise UserError("Give held-out demonstrations to prompt the RL episodes with "
                         "--prompt-dataset D.json (e.g. data/mw5_prompts.json).")
     spec = ckpt.spec
     trained_env = spec.env.get("name")
-    env_name = cfg.env or trained_env
-    if not env_name:
-        raise UserError(f"Checkpoint '{ckpt.path}' does not record its simulator; pass --env.")
     if cfg.env and trained_env and cfg.env != trained_env:
         raise UserError(f"Checkpoint '{ckpt.path}' was trained on {trained_env} data, not "
                         f"{cfg.env}; fine-tune it in {trained_env}.")
-    tasks = list(cfg.tasks or spec.tasks)
-    check_tasks(env_name, tasks)
-    cameras = tuple(k.removeprefix("image_") for k in spec.camera_keys)
-    env_kwargs: dict[str, Any] = {"cameras": cameras,
-                                  "image_size": spec.image_shape[0] if spec.image_shape else 0}
-    if cfg.max_steps is not None:
-        env_kwargs["max_steps"] = cfg.max_steps
-    _check_env_matches(env_name, tasks[0], env_kwargs, spec, ckpt.path)
+    env_name, tasks, env_kwargs = checkpoint_env(ckpt, cfg.env, cfg.tasks, cfg.max_steps)
     keys = [*spec.proprio_keys, *spec.action_keys, *spec.camera_keys]
     ecfg = EvalConfig(prompt_dataset=cfg.prompt_dataset, num_prompts=cfg.num_prompts)
     pool = _prompt_pool(ecfg, tasks, keys, _training_episodes(ckpt.path))
