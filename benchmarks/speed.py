@@ -177,6 +177,60 @@ def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, actio
     return make, demo, model, ckpt
 
 
+def memory_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s with the current torch threads: the best of ``repeats`` sums over
+    a float32 buffer of ``gb`` GB (far larger than the caches), i.e. a streaming read."""
+    x = torch.ones(int(gb * 1e9) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def _act_ms(policy, prompt: dict, obs: np.ndarray, steps: int) -> float:
+    """Median latency of ``policy.act`` in ms after a prompt, 2 warm-up steps excluded."""
+    policy.prompt([prompt])
+    for t in range(2):
+        policy.act({"state": obs[t]})
+    policy.reset()
+    times = []
+    for t in range(steps):
+        t0 = time.perf_counter()
+        policy.act({"state": obs[t]})
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def _training_backbone_policy(make):
+    """An InContextPolicy decoding through the training backbone and its per-layer KVCache
+    (how ``act`` decoded before the Decoder): the baseline row."""
+    policy = make(True, "float32")
+    backbone = policy.model.backbone
+
+    class _Baseline:
+        def __init__(self):
+            self.cache = backbone.new_cache(1, policy.max_tokens)
+
+        def stale(self):
+            return False
+
+        def reset(self):
+            self.cache.reset()
+
+        @property
+        def length(self):
+            return self.cache.length
+
+        def __call__(self, x):
+            return backbone(x, cache=self.cache)
+
+    policy._decoder = _Baseline()
+    return policy
+
+
 def benchmark_inference(
     config_path: str,
     prompt_tokens: int,
@@ -185,39 +239,60 @@ def benchmark_inference(
     proprio_dim: int = 39,
     action_dim: int = 4,
     num_pred_steps: int = 4,
-) -> dict:
-    """Latency of ``InContextPolicy.act`` with the KV cache vs full recompute of the context
-    (float32), and of the cached path with a bf16 backbone.
+    bandwidth: float | None = None,
+    threads: tuple[int, ...] = (),
+) -> list[dict]:
+    """Latency of ``InContextPolicy.act`` after a ``prompt_tokens``-token prompt, one row per
+    decoding path: full recompute, the training backbone with its KV cache (the baseline),
+    and the Decoder (fused projections, static cache) with float32, bfloat16 and int8
+    weights; ``threads``: the Decoder rows again with these torch thread counts.
 
-    The prompt is ``prompt_tokens`` tokens (``prompt_tokens / 2`` demonstration steps); each
-    ``act`` appends the previous action's token and the new state token and decodes a chunk.
+    ``floor_ms`` is the bytes a step must read -- the backbone's weights plus the cached keys
+    and values -- divided by the read ``bandwidth`` (GB/s) measured in the same run with the
+    same threads; ``vs_floor`` is each row's multiple of it.
     """
+    from icrt.models.backbones.decode import Decoder
+
     prompt_steps = prompt_tokens // 2
     make, demo, model, _ = _random_policy(config_path, prompt_steps + steps + 8, proprio_dim,
                                           action_dim, num_pred_steps)
     prompt = demo(prompt_steps)
     obs = demo(steps)["state"]
-    out = {"config": config_path, "prompt_tokens": prompt_tokens,
-           "params": sum(p.numel() for p in model.parameters()),
-           "threads": torch.get_num_threads()}
-    modes = (("cached", True, steps, "float32"), ("recompute", False, recompute_steps, "float32"),
-             ("cached_bf16", True, steps, "bfloat16"))
-    for name, use_cache, n, dtype in modes:
-        policy = make(use_cache, dtype)
-        policy.prompt([prompt])
-        for t in range(2):  # warm-up
-            policy.act({"state": obs[t]})
-        policy.reset()
-        times = []
-        for t in range(n):
-            t0 = time.perf_counter()
-            policy.act({"state": obs[t]})
-            times.append(time.perf_counter() - t0)
-        out[f"{name}_ms"] = 1000.0 * float(np.median(times))
-    out["speedup"] = out["recompute_ms"] / out["cached_ms"]
-    out["cached_hz"] = 1000.0 / out["cached_ms"]
-    out["cached_bf16_hz"] = 1000.0 / out["cached_bf16_ms"]
-    return out
+    own_threads = torch.get_num_threads()
+    base = {"config": config_path.rsplit("/", 1)[-1].removesuffix(".json"),
+            "params_m": sum(p.numel() for p in model.backbone.parameters()) / 1e6,
+            "prompt_tokens": prompt_tokens}
+    context = prompt_tokens + 2  # tokens attended to by a step's queries
+    fp32_bytes = sum(p.numel() * 4 for p in model.backbone.parameters())
+    rows = []
+
+    def row(name: str, ms: float, weight_bytes: int, kv_bytes: int, n_threads: int,
+            bw: float) -> None:
+        floor = (weight_bytes + kv_bytes) / (bw * 1e9) * 1000.0
+        rows.append({**base, "path": name, "threads": n_threads, "ms": ms, "hz": 1000.0 / ms,
+                     "read_mb": (weight_bytes + kv_bytes) / 1e6, "bandwidth_gbs": bw,
+                     "floor_ms": floor, "vs_floor": ms / floor})
+
+    bw = bandwidth or memory_bandwidth()
+    kv32 = 2 * model.backbone.config.n_layers * model.backbone.config.kv_heads * \
+        model.backbone.config.head_dim * context * 4
+    # recompute reads the weights once but attends over the whole context for every token
+    row("recompute (fp32)", _act_ms(make(False, "float32"), prompt, obs, recompute_steps),
+        fp32_bytes, kv32, own_threads, bw)
+    row("KV cache, training backbone (fp32)", _act_ms(_training_backbone_policy(make), prompt,
+                                                      obs, steps), fp32_bytes, kv32,
+        own_threads, bw)
+    for n_threads in (own_threads, *threads):
+        torch.set_num_threads(n_threads)
+        bw_t = bw if n_threads == own_threads else memory_bandwidth()
+        for dtype in ("float32", "bfloat16", "int8"):
+            policy = make(True, dtype)
+            ms = _act_ms(policy, prompt, obs, steps)
+            dec: Decoder = policy._decoder
+            row(f"Decoder {dtype}", ms, dec.weight_bytes, dec.kv_bytes(context), n_threads,
+                bw_t)
+    torch.set_num_threads(own_threads)
+    return rows
 
 
 def benchmark_batched_inference(

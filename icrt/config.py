@@ -490,6 +490,9 @@ class EvalConfig:
     ensemble_decay: float = 0.01
     # Point estimates instead of samples from stochastic heads.
     deterministic: bool = False
+    # Backbone weights while acting: float32, bfloat16, or int8 (weight-only, per output
+    # channel; bf16 activations). Faster decoding on memory-bound CPUs; see docs/eval.md.
+    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
     # Device the policy runs on in each worker: auto (cuda, else mps, else cpu), cpu, cuda,
     # cuda:N or mps.
     device: str = "auto"
@@ -514,6 +517,9 @@ class EvalConfig:
             raise ValueError("--tasks needs at least one task name.")
         if self.prompt_tasks is not None and self.no_prompt:
             raise ValueError("--prompt-tasks and --no-prompt exclude each other.")
+        if self.dtype == "int8" and self.num_envs > 1:
+            raise ValueError("--dtype int8 decodes one episode per process; use --num-envs 1 "
+                             "or --dtype bfloat16.")
 
 
 @dataclasses.dataclass(frozen=True)

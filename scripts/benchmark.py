@@ -37,6 +37,8 @@ class BenchmarkConfig:
     prompt_tokens: tuple[int, ...] = (256, 1024, 2048)
     # Torch threads (default: torch's choice, i.e. all cores).
     threads: int | None = None
+    # inference: also time the Decoder rows with these thread counts (1024-token prompts).
+    inference_threads: tuple[int, ...] = (1,)
     # Checkpoint and held-out prompts for the sim benchmark (default: what `make demo` writes).
     checkpoint: str = "runs/mw5"
     prompt_dataset: str = "data/mw5_prompts.json"
@@ -182,15 +184,19 @@ def main(cfg: BenchmarkConfig) -> None:
                            "speedup"]) + "\n")
     if "inference" in todo:
         rows = []
+        bandwidth = speed.memory_bandwidth()
+        print(f"memory read bandwidth, {torch.get_num_threads()} threads: {bandwidth:.1f} GB/s\n")
         for path in cfg.configs:
             small = "small" in path
             for n in cfg.prompt_tokens:
-                rows.append(speed.benchmark_inference(path, n, steps=20 if small else 50,
-                                                      recompute_steps=2 if small else 5))
+                rows += speed.benchmark_inference(
+                    path, n, steps=20 if small else 50, recompute_steps=2 if small else 5,
+                    bandwidth=bandwidth, threads=cfg.inference_threads if n == 1024 else ())
         out["inference"] = rows
-        print("## InContextPolicy.act latency: KV cache vs full recompute\n")
-        print(table(rows, ["config", "prompt_tokens", "cached_ms", "cached_hz", "recompute_ms",
-                           "speedup", "cached_bf16_ms", "cached_bf16_hz"]) + "\n")
+        print("## InContextPolicy.act latency by decoding path (floor: weights + KV bytes read "
+              "per step / read bandwidth)\n")
+        print(table(rows, ["config", "prompt_tokens", "path", "threads", "ms", "hz", "read_mb",
+                           "floor_ms", "vs_floor"]) + "\n")
         rows = [speed.benchmark_batched_inference(path, n, device=device)
                 for path in cfg.configs for n in (4, 16)]
         out["batched_inference"] = rows

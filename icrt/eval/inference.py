@@ -23,6 +23,11 @@ a trajectory -- and re-encodes them once; ``overflow="error"`` raises instead. B
 path and ``use_cache=False`` (full recompute every step) apply the same rule, so they give the
 same actions.
 
+Decoding: ``act`` runs the backbone through a :class:`~icrt.models.backbones.decode.Decoder`
+(fused projections, a static KV cache written in place) whose weights are ``dtype`` float32
+(default), bfloat16 or int8 (weight-only); ``use_cache=False`` recomputes with the same weights,
+so cached and recomputed actions agree for every dtype.
+
 ``BatchedInContextPolicy`` runs several such episodes (one per row, each with its own prompt)
 with one backbone forward per step, for evaluation on a GPU.
 """
@@ -39,6 +44,7 @@ import torch
 
 from icrt.data.codec import Codec
 from icrt.errors import UserError
+from icrt.models.backbones.decode import Decoder, activation_dtype, weight_dtype_name
 from icrt.models.policy import ICRTPolicy
 from icrt.train.checkpoint import Checkpoint, load_policy
 
@@ -61,13 +67,13 @@ class InContextPolicy:
         overflow: Literal["slide", "error"] = "slide",
         use_cache: bool = True,
         seed: int = 0,
-        dtype: str | torch.dtype = torch.float32,
+        dtype: str | torch.dtype = "float32",
     ) -> None:
         self.model = model.eval()
-        # The backbone may run in bf16 (memory-bound decoding is ~2.5x faster on CPUs with
-        # bf16 support); token encoders and the head stay in float32.
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.model.backbone.to(self.dtype)
+        # The backbone decodes through a Decoder holding its weights in float32, bfloat16 or
+        # int8 (see icrt.models.backbones.decode); token encoders and the head stay float32.
+        self.weight_dtype = weight_dtype_name(dtype)
+        self.dtype = activation_dtype(self.weight_dtype)
         self.spec = model.spec
         self.normalizer = checkpoint.normalizer
         self.checkpoint = checkpoint
@@ -84,8 +90,7 @@ class InContextPolicy:
         self.overflow = overflow
         self.use_cache = use_cache
         self.max_tokens = 2 * self.spec.max_timesteps
-        self._cache = model.backbone.new_cache(1, self.max_tokens, device=self.device,
-                                               dtype=self.dtype) if use_cache else None
+        self._decoder: Decoder | None = None  # built on first use, rebuilt if weights change
         self._generator = torch.Generator(device=self.device)
         self.codec = Codec.from_spec(
             self.spec, self.normalizer,
@@ -111,8 +116,8 @@ class InContextPolicy:
         self._offset = 0  # context = self._tokens[self._offset:]
         if len(self._tokens) > self.max_tokens:
             self._offset = self._slide_offset(len(self._tokens))
-        if self._cache is not None:
-            self._cache.reset()
+        if self.use_cache:
+            self._fresh_decoder().reset()
             self._forward_pending()
         self._t = 0
         self._pending_action: np.ndarray | None = None  # raw action returned, token not yet in
@@ -225,20 +230,32 @@ class InContextPolicy:
         """The tokens the backbone sees now, (D,) each: s0 a0 s1 ..."""
         return self._tokens[self._offset:]
 
+    def _fresh_decoder(self) -> Decoder:
+        """The decoder, (re)built when missing or when the model's weights changed since."""
+        if self._decoder is None or self._decoder.stale():
+            self._decoder = Decoder(self.model.backbone, self.max_tokens,
+                                    dtype=self.weight_dtype)
+        return self._decoder
+
     def _context_hidden(self) -> torch.Tensor:
-        if self._slide_if_full() and self._cache is not None:
-            self._cache.reset()
-        if self._cache is None:  # reference path: full recompute of the context
-            x = torch.stack(self._tokens[self._offset:])[None].to(self.dtype)
-            return self.model.backbone(x)[0, -1].float()
+        if self._slide_if_full() and self.use_cache:
+            self._decoder.reset()
+        x = None
+        if not self.use_cache:  # reference path: full recompute of the context
+            x = torch.stack(self._tokens[self._offset:])[None]
+            if self.weight_dtype == "float32":  # the training backbone itself
+                return self.model.backbone(x)[0, -1]
+            decoder = self._fresh_decoder()
+            decoder.reset()
+            return decoder(x)[0, -1]
         return self._forward_pending()
 
     def _forward_pending(self) -> torch.Tensor | None:
-        start = self._offset + self._cache.length
+        start = self._offset + self._decoder.length
         if start >= len(self._tokens):
             return None
-        x = torch.stack(self._tokens[start:])[None].to(self.dtype)  # (1, n_new, D)
-        return self.model.backbone(x, cache=self._cache)[0, -1].float()
+        x = torch.stack(self._tokens[start:])[None]  # (1, n_new, D)
+        return self._decoder(x)[0, -1]
 
     # ------------------------------------------------------------------ conversions
 
@@ -315,6 +332,12 @@ class BatchedInContextPolicy:
         self.model = self.rows[0].model
         self.spec = self.rows[0].spec
         self.max_tokens = self.rows[0].max_tokens
+        if self.rows[0].weight_dtype == "int8":
+            raise UserError("int8 backbones decode one episode per process; use --num-envs 1 "
+                            "or --dtype bfloat16.")
+        # ragged rows need the training backbone's masked forward: cast it (bf16 halves the
+        # weights read per step)
+        self.model.backbone.to(self.rows[0].dtype)
         self._cache = self.model.backbone.new_cache(rows, self.max_tokens, device=device,
                                                     dtype=self.rows[0].dtype)
         self._cached = [0] * rows  # tokens of each row's context already in the cache

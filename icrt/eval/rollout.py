@@ -261,7 +261,7 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
     policy_kwargs = (("device", device), ("execution", cfg.execution),
                      ("open_loop_steps", cfg.open_loop_steps),
                      ("ensemble_decay", cfg.ensemble_decay),
-                     ("deterministic", cfg.deterministic))
+                     ("deterministic", cfg.deterministic), ("dtype", cfg.dtype))
     jobs = []
     for task in tasks:
         for i in range(cfg.episodes_per_task):
@@ -425,6 +425,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "episodes_per_task": cfg.episodes_per_task,
         "seed": cfg.seed,
         "device": meta["device"],
+        "dtype": cfg.dtype,
         "num_envs": cfg.num_envs,
         "tasks": per_task,
         "mean_success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),

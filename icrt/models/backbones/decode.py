@@ -1,0 +1,229 @@
+"""Inference-only decoding of a :class:`LlamaBackbone`: fused weights, a static KV cache, and
+bfloat16 or int8 weight-only backbones.
+
+Acting decodes two tokens per step (the executed action's and the new state's) through every
+layer, so a step reads every weight once and is bound by memory traffic and per-op overhead,
+not arithmetic. The training backbone is laid out for training (seven projections per block,
+nn.Module calls, a cache object per layer); :class:`Decoder` holds the same weights laid out
+for decoding:
+
+* q/k/v fused into one projection and the SwiGLU gate/up into another (4 matrix products per
+  block instead of 7), rotary embeddings applied to q and k in one call, ``F.rms_norm``;
+* one preallocated KV tensor per layer for keys and values, ``(L, B, Hkv, max_len, hd)``,
+  written in place: nothing is allocated or concatenated per step;
+* ``dtype``: ``float32``; ``bfloat16`` (weights, activations and KV cache in bf16, norms and
+  rotary embeddings computed in fp32); ``int8`` (per-output-channel symmetric int8 weights,
+  ``torch.ops.aten._weight_int8pack_mm`` on bf16 activations, bf16 KV cache).
+
+The decoder copies the weights when it is built (LoRA adapters merged, through the wrapped
+modules themselves); :meth:`stale` tells when the backbone's parameters changed since, so a
+policy can rebuild it (PPO workers load new weights every update).
+
+    dec = Decoder(backbone, max_len=1024, dtype="int8")
+    h = dec(x_prompt)          # (1, P, D) -> (1, P, D) fp32, positions 0..P-1
+    h = dec(x_step)            # (1, 2, D): positions P, P+1, attending to the cache
+    dec.reset()                # forget the cached tokens (buffers kept)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from icrt.errors import UserError
+from icrt.models.backbones.llama import LlamaBackbone, apply_rope
+
+WeightDtype = Literal["float32", "bfloat16", "int8"]
+WEIGHT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
+
+
+def weight_dtype_name(dtype: str | torch.dtype) -> str:
+    """``"float32" | "bfloat16" | "int8"`` for a name or torch dtype; one sentence otherwise."""
+    name = str(dtype).removeprefix("torch.")
+    name = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "qint8": "int8"}.get(
+        name, name)
+    if name not in WEIGHT_DTYPES:
+        raise UserError(f"Unknown backbone dtype '{dtype}'; use one of {', '.join(WEIGHT_DTYPES)}.")
+    return name
+
+
+def activation_dtype(weight_dtype: str) -> torch.dtype:
+    """The dtype activations and the KV cache use with these weights."""
+    return torch.float32 if weight_dtype == "float32" else torch.bfloat16
+
+
+def _weight(module: nn.Module) -> Tensor:
+    """The (out, in) matrix a bias-free linear module computes, LoRA adapters included.
+
+    A plain ``nn.Linear`` gives its weight; a wrapped one (peft's LoRA) is applied to the
+    identity, which is exactly what it computes, merged."""
+    if type(module) is nn.Linear:
+        if module.bias is not None:
+            raise UserError("The decoder supports bias-free projections only (Llama has none).")
+        return module.weight.detach().float()
+    base = getattr(module, "base_layer", module)
+    n_in = base.in_features
+    p = next(base.parameters())
+    eye = torch.eye(n_in, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        return module(eye).float().t().contiguous()
+
+
+class _Projection:
+    """One (possibly fused) bias-free projection in the decoder's weight dtype."""
+
+    def __init__(self, weight: Tensor, dtype: str) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.int8 = dtype == "int8"
+        if self.int8:
+            scale = weight.abs().amax(1).clamp(min=1e-12) / 127.0  # per output channel
+            self.q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.scale = scale.to(torch.bfloat16)
+            self.packed = _int8pack_ok(self.q.device)
+            if not self.packed:  # no int8 kernel on this device: dequantise per call
+                self.w = None
+        else:
+            self.w = weight.to(activation_dtype(dtype)).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        if self.int8:
+            return self.q.numel() + 2 * self.scale.numel()
+        return self.w.numel() * self.w.element_size()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (N, in) -> (N, out)."""
+        if self.int8:
+            if self.packed:
+                return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+            return F.linear(x, self.q.to(x.dtype)) * self.scale
+        return F.linear(x, self.w)
+
+
+_INT8PACK: dict[str, bool] = {}
+
+
+def _int8pack_ok(device: torch.device) -> bool:
+    """Whether ``aten._weight_int8pack_mm`` runs on ``device`` (CPU and recent CUDA builds)."""
+    key = str(device)
+    if key not in _INT8PACK:
+        try:
+            x = torch.zeros(1, 32, dtype=torch.bfloat16, device=device)
+            w = torch.zeros(8, 32, dtype=torch.int8, device=device)
+            s = torch.ones(8, dtype=torch.bfloat16, device=device)
+            torch.ops.aten._weight_int8pack_mm(x, w, s)
+            _INT8PACK[key] = True
+        except (RuntimeError, NotImplementedError):
+            _INT8PACK[key] = False
+    return _INT8PACK[key]
+
+
+class _Block:
+    def __init__(self, layer: nn.Module, dtype: str) -> None:
+        att, ffn = layer.attention, layer.feed_forward
+        self.qkv = _Projection(torch.cat([_weight(att.wq), _weight(att.wk), _weight(att.wv)]),
+                               dtype)
+        self.wo = _Projection(_weight(att.wo), dtype)
+        self.w13 = _Projection(torch.cat([_weight(ffn.w1), _weight(ffn.w3)]), dtype)
+        self.w2 = _Projection(_weight(ffn.w2), dtype)
+        act = activation_dtype(dtype)
+        self.attention_norm = layer.attention_norm.weight.detach().to(act)
+        self.ffn_norm = layer.ffn_norm.weight.detach().to(act)
+
+
+def _param_versions(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version of every parameter: changes when weights are loaded,
+    stepped by an optimiser or replaced."""
+    return tuple((id(p), p._version) for p in module.parameters())
+
+
+class Decoder:
+    """The backbone's forward for inference, with its own static KV cache (see module doc)."""
+
+    def __init__(self, backbone: LlamaBackbone, max_len: int, batch_size: int = 1,
+                 dtype: str | torch.dtype = "float32") -> None:
+        cfg = backbone.config
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"Cache length {max_len} must be in [1, {cfg.max_seq_len}].")
+        self.backbone = backbone
+        self.weight_dtype = weight_dtype_name(dtype)
+        self.dtype = activation_dtype(self.weight_dtype)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.dim, self.eps = cfg.dim, cfg.norm_eps
+        self.max_len = max_len
+        self._versions = _param_versions(backbone)
+        self.blocks = [_Block(layer, self.weight_dtype) for layer in backbone.layers]
+        self.norm = backbone.norm.weight.detach().to(self.dtype)
+        p = next(backbone.parameters())
+        self.device = p.device
+        self.rope = backbone._rope(p.device)[:max_len]  # (max_len, hd/2, 2) fp32
+        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=p.device)
+        self.length = 0
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decoding step reads (projections and norms)."""
+        per_block = sum(b.qkv.nbytes + b.wo.nbytes + b.w13.nbytes + b.w2.nbytes
+                        for b in self.blocks)
+        return per_block + 2 * self.dim * self.norm.element_size() * (len(self.blocks) + 1)
+
+    def kv_bytes(self, length: int | None = None) -> int:
+        """Bytes of cached keys and values a step attending to ``length`` tokens reads."""
+        n = self.length if length is None else length
+        return 2 * self.k.shape[0] * self.k.shape[1] * self.n_kv_heads * n * self.head_dim \
+            * self.k.element_size()
+
+    def stale(self) -> bool:
+        """True when the backbone's parameters changed since this decoder copied them."""
+        return _param_versions(self.backbone) != self._versions
+
+    def reset(self) -> None:
+        """Forget every cached token (the buffers are reused)."""
+        self.length = 0
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"Cannot truncate a cache of {self.length} tokens to {n}.")
+        self.length = n
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (B, T, D) -> final-normed features (B, T, D) fp32, at positions length..+T-1."""
+        B, T, D = x.shape
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}.")
+        if B != self.k.shape[1]:
+            raise ValueError(f"Batch size {B} does not match the decoder's {self.k.shape[1]}.")
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        rope = self.rope[start:end]
+        mask = None
+        if start > 0 and T > 1:  # queries at start..end-1 see keys 0..their own position
+            idx = torch.arange(end, device=x.device)
+            mask = idx[None, :] <= idx[start:, None]  # (T, S)
+        h = x.to(self.dtype).reshape(B * T, D)
+        for i, b in enumerate(self.blocks):
+            a = F.rms_norm(h, (D,), b.attention_norm, self.eps)
+            qkv = b.qkv(a).view(B, T, H + 2 * Hkv, hd)
+            qk = apply_rope(qkv[:, :, : H + Hkv], rope)  # (B, T, H + Hkv, hd)
+            q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+            self.k[i, :, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            self.v[i, :, :, start:end] = qkv[:, :, H + Hkv:].transpose(1, 2)
+            k, v = self.k[i, :, :, :end], self.v[i, :, :, :end]  # (B, Hkv, S, hd)
+            if mask is not None:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                   enable_gqa=Hkv != H)
+            else:  # prefill from empty (causal) or one query that sees everything
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1,
+                                                   enable_gqa=Hkv != H)
+            h = h + b.wo(o.transpose(1, 2).reshape(B * T, H * hd))
+            g = b.w13(F.rms_norm(h, (D,), b.ffn_norm, self.eps))
+            gate, up = g.chunk(2, dim=-1)
+            h = h + b.w2(F.silu(gate) * up)
+        self.length = end
+        return F.rms_norm(h, (D,), self.norm, self.eps).float().view(B, T, D)
