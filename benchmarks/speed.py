@@ -166,9 +166,9 @@ def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, actio
     ckpt = Checkpoint(Path("<in memory>"), cfg, spec, normalizer)
     rng = np.random.default_rng(0)
 
-    def make(use_cache: bool, dtype: str = "float32") -> InContextPolicy:
+    def make(use_cache: bool, dtype: str = "float32", compile: bool = False) -> InContextPolicy:
         return InContextPolicy(model, ckpt, use_cache=use_cache, deterministic=True,
-                               dtype=dtype)
+                               dtype=dtype, compile=compile)
 
     def demo(steps: int) -> dict:
         return {"state": rng.normal(size=(steps, proprio_dim)).astype("float32"),
@@ -241,11 +241,14 @@ def benchmark_inference(
     num_pred_steps: int = 4,
     bandwidth: float | None = None,
     threads: tuple[int, ...] = (),
+    compile: bool = True,
 ) -> list[dict]:
     """Latency of ``InContextPolicy.act`` after a ``prompt_tokens``-token prompt, one row per
     decoding path: full recompute, the training backbone with its KV cache (the baseline),
     and the Decoder (fused projections, static cache) with float32, bfloat16 and int8
-    weights; ``threads``: the Decoder rows again with these torch thread counts.
+    weights, each eager and (``compile``) with torch.compile'd steps (compile time excluded:
+    the warm-up steps pay it); ``threads``: the eager Decoder rows again with these torch
+    thread counts.
 
     ``floor_ms`` is the bytes a step must read -- the backbone's weights plus the cached keys
     and values -- divided by the read ``bandwidth`` (GB/s) measured in the same run with the
@@ -286,11 +289,12 @@ def benchmark_inference(
         torch.set_num_threads(n_threads)
         bw_t = bw if n_threads == own_threads else memory_bandwidth()
         for dtype in ("float32", "bfloat16", "int8"):
-            policy = make(True, dtype)
-            ms = _act_ms(policy, prompt, obs, steps)
-            dec: Decoder = policy._decoder
-            row(f"Decoder {dtype}", ms, dec.weight_bytes, dec.kv_bytes(context), n_threads,
-                bw_t)
+            for compiled in (False, True) if compile and n_threads == own_threads else (False,):
+                policy = make(True, dtype, compiled)
+                ms = _act_ms(policy, prompt, obs, steps)
+                dec: Decoder = policy._decoder
+                row(f"Decoder {dtype}" + (" + compile" if compiled else ""), ms,
+                    dec.weight_bytes, dec.kv_bytes(context), n_threads, bw_t)
     torch.set_num_threads(own_threads)
     return rows
 

@@ -191,7 +191,8 @@ def main(cfg: BenchmarkConfig) -> None:
             for n in cfg.prompt_tokens:
                 rows += speed.benchmark_inference(
                     path, n, steps=20 if small else 50, recompute_steps=2 if small else 5,
-                    bandwidth=bandwidth, threads=cfg.inference_threads if n == 1024 else ())
+                    bandwidth=bandwidth, threads=cfg.inference_threads if n == 1024 else (),
+                    compile=n == 1024)
         out["inference"] = rows
         print("## InContextPolicy.act latency by decoding path (floor: weights + KV bytes read "
               "per step / read bandwidth)\n")

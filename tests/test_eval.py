@@ -194,3 +194,17 @@ def test_batched_simulators_give_the_same_results(trained, tmp_path, workers, nu
     assert set(batched) == set(one) and batched["tasks"].keys() == one["tasks"].keys()
     assert sorted(p.name for p in videos.iterdir()) == [
         "button-press-topdown-v3_1prompt_ep000.mp4", "reach-v3_1prompt_ep000.mp4"]
+
+
+def test_dtype_is_used_and_recorded(trained):
+    """--dtype int8 acts through int8 weights (returns differ from float32's) and the results
+    say so; int8 refuses batched simulators with one sentence."""
+    root, run = trained
+    fp32 = evaluate(_cfg(root, run), progress=False)
+    int8 = evaluate(_cfg(root, run, dtype="int8"), progress=False)
+    assert fp32["dtype"] == "float32" and int8["dtype"] == "int8"
+    assert int8["config"]["dtype"] == "int8"
+    assert [e["seed"] for e in int8["episodes"]] == [e["seed"] for e in fp32["episodes"]]
+    assert [e["return"] for e in int8["episodes"]] != [e["return"] for e in fp32["episodes"]]
+    with pytest.raises(ValueError, match="int8 decodes one episode per process"):
+        _cfg(root, run, dtype="int8", num_envs=2)

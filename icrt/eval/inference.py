@@ -68,12 +68,14 @@ class InContextPolicy:
         use_cache: bool = True,
         seed: int = 0,
         dtype: str | torch.dtype = "float32",
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
         # The backbone decodes through a Decoder holding its weights in float32, bfloat16 or
         # int8 (see icrt.models.backbones.decode); token encoders and the head stay float32.
         self.weight_dtype = weight_dtype_name(dtype)
         self.dtype = activation_dtype(self.weight_dtype)
+        self.compile = compile  # torch.compile the decoding steps (Decoder's compile)
         self.spec = model.spec
         self.normalizer = checkpoint.normalizer
         self.checkpoint = checkpoint
@@ -234,7 +236,7 @@ class InContextPolicy:
         """The decoder, (re)built when missing or when the model's weights changed since."""
         if self._decoder is None or self._decoder.stale():
             self._decoder = Decoder(self.model.backbone, self.max_tokens,
-                                    dtype=self.weight_dtype)
+                                    dtype=self.weight_dtype, compile=self.compile)
         return self._decoder
 
     def _context_hidden(self) -> torch.Tensor:

@@ -73,34 +73,55 @@ def _weight(module: nn.Module) -> Tensor:
 
 
 class _Projection:
-    """One (possibly fused) bias-free projection in the decoder's weight dtype."""
+    """One (possibly fused) bias-free projection in the decoder's weight dtype: ``w`` is the
+    float weight, or the int8 weight with its per-output-channel ``scale``."""
 
     def __init__(self, weight: Tensor, dtype: str) -> None:
-        self.out_features, self.in_features = weight.shape
-        self.int8 = dtype == "int8"
-        if self.int8:
-            scale = weight.abs().amax(1).clamp(min=1e-12) / 127.0  # per output channel
-            self.q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.scale: Tensor | None = None
+        if dtype == "int8":
+            scale = weight.abs().amax(1).clamp(min=1e-12) / 127.0  # symmetric, per channel
+            self.w = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(torch.bfloat16)
-            self.packed = _int8pack_ok(self.q.device)
-            if not self.packed:  # no int8 kernel on this device: dequantise per call
-                self.w = None
         else:
             self.w = weight.to(activation_dtype(dtype)).contiguous()
 
     @property
     def nbytes(self) -> int:
-        if self.int8:
-            return self.q.numel() + 2 * self.scale.numel()
-        return self.w.numel() * self.w.element_size()
+        extra = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        return self.w.numel() * self.w.element_size() + extra
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """x (N, in) -> (N, out)."""
-        if self.int8:
-            if self.packed:
-                return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-            return F.linear(x, self.q.to(x.dtype)) * self.scale
-        return F.linear(x, self.w)
+
+def _project(x: Tensor, w: Tensor, scale: Tensor | None, packed: bool) -> Tensor:
+    """x (N, in) @ w.T: float weights, or int8 weights times their scales (``packed``: the
+    int8 matrix-vector kernel, else dequantised per call where the device lacks it)."""
+    if scale is None:
+        return F.linear(x, w)
+    if packed:
+        return torch.ops.aten._weight_int8pack_mm(x, w, scale)
+    return F.linear(x, w.to(x.dtype)) * scale
+
+
+def _block_in(h: Tensor, norm: Tensor, w: Tensor, scale: Tensor | None, rope: Tensor,
+              eps: float, B: int, H: int, Hkv: int, hd: int, packed: bool
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """RMSNorm, fused q/k/v projection, rotary embedding: h (B*T, D) -> q (B, H, T, hd),
+    k and v (B, Hkv, T, hd)."""
+    T = h.shape[0] // B
+    qkv = _project(F.rms_norm(h, (h.shape[-1],), norm, eps), w, scale, packed)
+    qkv = qkv.view(B, T, H + 2 * Hkv, hd)
+    qk = apply_rope(qkv[:, :, : H + Hkv], rope)  # (B, T, H + Hkv, hd)
+    return (qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2),
+            qkv[:, :, H + Hkv:].transpose(1, 2))
+
+
+def _block_out(h: Tensor, o: Tensor, wo: Tensor, so: Tensor | None, norm: Tensor,
+               w13: Tensor, s13: Tensor | None, w2: Tensor, s2: Tensor | None, eps: float,
+               packed: bool) -> Tensor:
+    """Attention output projection and residual, then RMSNorm, SwiGLU and residual."""
+    h = h + _project(o, wo, so, packed)
+    g = _project(F.rms_norm(h, (h.shape[-1],), norm, eps), w13, s13, packed)
+    gate, up = g.chunk(2, dim=-1)
+    return h + _project(F.silu(gate) * up, w2, s2, packed)
 
 
 _INT8PACK: dict[str, bool] = {}
@@ -141,10 +162,16 @@ def _param_versions(module: nn.Module) -> tuple[tuple[int, int], ...]:
 
 
 class Decoder:
-    """The backbone's forward for inference, with its own static KV cache (see module doc)."""
+    """The backbone's forward for inference, with its own static KV cache (see module doc).
+
+    ``compile``: decoding steps (one or two new tokens) run the two halves of each block
+    around the attention -- norm, q/k/v projection and rotary; output projection, norm and
+    SwiGLU -- through ``torch.compile`` (static shapes, elementwise work fused); attention and
+    the cache writes stay eager, as does prefill. Compiles once per step shape (seconds).
+    """
 
     def __init__(self, backbone: LlamaBackbone, max_len: int, batch_size: int = 1,
-                 dtype: str | torch.dtype = "float32") -> None:
+                 dtype: str | torch.dtype = "float32", compile: bool = False) -> None:
         cfg = backbone.config
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"Cache length {max_len} must be in [1, {cfg.max_seq_len}].")
@@ -164,6 +191,17 @@ class Decoder:
         self.k = torch.zeros(shape, dtype=self.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=p.device)
         self.length = 0
+        self.packed = self.weight_dtype == "int8" and _int8pack_ok(p.device)
+        self.compiled = compile
+        self._step_fns = None
+        if compile:
+            # one graph per (shape, dtype, step length) is compiled, and dynamo counts them per
+            # function across decoders: allow more than its default 8 before it gives up
+            from torch import _dynamo
+
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+            self._step_fns = (torch.compile(_block_in, dynamic=False),
+                              torch.compile(_block_out, dynamic=False))
 
     @property
     def weight_bytes(self) -> int:
@@ -206,14 +244,14 @@ class Decoder:
         if start > 0 and T > 1:  # queries at start..end-1 see keys 0..their own position
             idx = torch.arange(end, device=x.device)
             mask = idx[None, :] <= idx[start:, None]  # (T, S)
+        block_in, block_out = (self._step_fns if self._step_fns is not None and T <= 2
+                               else (_block_in, _block_out))
         h = x.to(self.dtype).reshape(B * T, D)
         for i, b in enumerate(self.blocks):
-            a = F.rms_norm(h, (D,), b.attention_norm, self.eps)
-            qkv = b.qkv(a).view(B, T, H + 2 * Hkv, hd)
-            qk = apply_rope(qkv[:, :, : H + Hkv], rope)  # (B, T, H + Hkv, hd)
-            q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
-            self.k[i, :, :, start:end] = qk[:, :, H:].transpose(1, 2)
-            self.v[i, :, :, start:end] = qkv[:, :, H + Hkv:].transpose(1, 2)
+            q, k, v = block_in(h, b.attention_norm, b.qkv.w, b.qkv.scale, rope, self.eps, B,
+                               H, Hkv, hd, self.packed)
+            self.k[i, :, :, start:end] = k
+            self.v[i, :, :, start:end] = v
             k, v = self.k[i, :, :, :end], self.v[i, :, :, :end]  # (B, Hkv, S, hd)
             if mask is not None:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -221,9 +259,8 @@ class Decoder:
             else:  # prefill from empty (causal) or one query that sees everything
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1,
                                                    enable_gqa=Hkv != H)
-            h = h + b.wo(o.transpose(1, 2).reshape(B * T, H * hd))
-            g = b.w13(F.rms_norm(h, (D,), b.ffn_norm, self.eps))
-            gate, up = g.chunk(2, dim=-1)
-            h = h + b.w2(F.silu(gate) * up)
+            h = block_out(h, o.transpose(1, 2).reshape(B * T, H * hd), b.wo.w, b.wo.scale,
+                          b.ffn_norm, b.w13.w, b.w13.scale, b.w2.w, b.w2.scale, self.eps,
+                          self.packed)
         self.length = end
         return F.rms_norm(h, (D,), self.norm, self.eps).float().view(B, T, D)
