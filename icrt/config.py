@@ -224,9 +224,13 @@ class PolicyConfig:
     # Denoised action chunks are clipped to +-this value at every sampling step.
     diffusion_clip_sample: float = 3.0
     # What the diffusion network predicts.
-    diffusion_prediction_type: Literal["epsilon", "sample"] = "epsilon"
+    diffusion_prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     # Sampler of the diffusion head.
     diffusion_sampler: Literal["ddpm", "ddim"] = "ddim"
+    # DDIM's eta (0: deterministic given the start noise; 1: DDPM-like noise at every step).
+    diffusion_eta: float = 0.0
+    # Probability path of the flow head (condot: straight lines, rectified flow).
+    flow_scheduler: Literal["condot", "cosine", "vp", "linear_vp"] = "condot"
     # ODE solver of the flow head (dopri5 is adaptive).
     flow_solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "midpoint"
     # Integration steps of the flow head's fixed-step solvers.

@@ -1,5 +1,6 @@
-"""Probability paths and samplers for the goal-mask model: flow matching through Facebook's
-``flow_matching`` library and DDPM/DDIM through Hugging Face ``diffusers``.
+"""Probability paths and samplers: flow matching through Facebook's ``flow_matching`` library
+and DDPM/DDIM through Hugging Face ``diffusers``. One implementation serves the goal-mask model
+and the policy's flow and diffusion action heads.
 
 Both expose the same three calls, so the training loop does not know which one it runs:
 
@@ -35,6 +36,8 @@ class PathConfig:
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    # diffusion: denoised samples are clipped to +-this at every sampling step.
+    clip_sample_range: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,10 @@ class FlowMatchingPath:
         return self.path.velocity_to_target(out, x_t, t.view(-1, *[1] * (x_t.dim() - 1)))
 
     def sample(self, fn: Network, shape: tuple[int, ...], steps: int, cfg: SamplerConfig,
-               generator: torch.Generator | None = None, device: str | torch.device = "cpu"
-               ) -> Tensor:
+               generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+               x_init: Tensor | None = None) -> Tensor:
+        """Integrate ``fn`` from ``x_init`` (default: noise from ``generator``) at t = 0 to
+        t = 1."""
         from flow_matching.solver import ODESolver
         from flow_matching.utils import ModelWrapper
 
@@ -89,10 +94,10 @@ class FlowMatchingPath:
             def forward(self, x: Tensor, t: Tensor, **extras) -> Tensor:
                 return fn(x, t.reshape(-1).expand(x.shape[0]))
 
-        x0 = torch.randn(shape, generator=generator, device=device)
+        x0 = torch.randn(shape, generator=generator, device=device) if x_init is None else x_init
         solver = ODESolver(velocity_model=_Velocity(torch.nn.Identity()))
         step = None if cfg.method == "dopri5" else 1.0 / steps
-        grid = torch.tensor([0.0, 1.0], device=device)
+        grid = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
         with torch.no_grad():
             return solver.sample(x_init=x0, step_size=step, method=cfg.method, atol=cfg.atol,
                                  rtol=cfg.rtol, time_grid=grid)
@@ -110,12 +115,14 @@ class DiffusionPath:
         self.cfg = cfg
         self.scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
                                        beta_schedule=cfg.beta_schedule,
-                                       prediction_type=cfg.prediction_type)
+                                       prediction_type=cfg.prediction_type, clip_sample=True,
+                                       clip_sample_range=cfg.clip_sample_range)
         self.n = cfg.num_train_timesteps
+        self._samplers: dict[str, object] = {}  # built once: sampling runs every policy step
 
-    def _alpha_bar(self, t: Tensor) -> Tensor:
+    def _alpha_bar(self, t: Tensor, ndim: int) -> Tensor:
         steps = (t * self.n).round().long().clamp(0, self.n - 1)
-        return self.scheduler.alphas_cumprod.to(t.device)[steps].view(-1, 1, 1, 1)
+        return self.scheduler.alphas_cumprod.to(t.device)[steps].view(-1, *[1] * (ndim - 1))
 
     def training_pair(self, x1: Tensor, generator: torch.Generator | None = None
                       ) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,7 +135,7 @@ class DiffusionPath:
         return x_t, steps.float() / self.n, target
 
     def clean_estimate(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        ab = self._alpha_bar(t)
+        ab = self._alpha_bar(t, x_t.dim())
         if self.cfg.prediction_type == "epsilon":
             return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
         if self.cfg.prediction_type == "v_prediction":
@@ -136,18 +143,22 @@ class DiffusionPath:
         return out
 
     def sample(self, fn: Network, shape: tuple[int, ...], steps: int, cfg: SamplerConfig,
-               generator: torch.Generator | None = None, device: str | torch.device = "cpu"
-               ) -> Tensor:
+               generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+               x_init: Tensor | None = None) -> Tensor:
+        """Denoise from ``x_init`` (default: noise from ``generator``) over ``steps``
+        inference timesteps."""
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        kind = DDIMScheduler if cfg.sampler_type == "ddim" else DDPMScheduler
-        sched = kind.from_config(self.scheduler.config)
-        sched.set_timesteps(min(steps, self.n), device=device)
-        x = torch.randn(shape, generator=generator, device=device)
+        if cfg.sampler_type not in self._samplers:
+            kind = DDIMScheduler if cfg.sampler_type == "ddim" else DDPMScheduler
+            self._samplers[cfg.sampler_type] = kind.from_config(self.scheduler.config)
+        sched = self._samplers[cfg.sampler_type]
+        x = torch.randn(shape, generator=generator, device=device) if x_init is None else x_init
+        sched.set_timesteps(min(steps, self.n), device=x.device)
         extra = {"eta": cfg.eta} if cfg.sampler_type == "ddim" else {}
         with torch.no_grad():
             for step in sched.timesteps:
-                t = torch.full((shape[0],), float(step) / self.n, device=device)
+                t = torch.full((shape[0],), float(step) / self.n, device=x.device)
                 x = sched.step(fn(x, t), step, x, generator=generator, **extra).prev_sample
         return x
 

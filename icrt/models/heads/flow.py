@@ -1,18 +1,19 @@
 """Flow-matching head: a velocity field transports Gaussian noise to action chunks.
 
-Training uses the conditional optimal-transport (rectified-flow) path
-``x_t = (1 - t) x0 + t x1`` with ``x0 ~ N(0, I)`` and ``x1`` the action chunk, regressing the
-constant velocity ``x1 - x0``. Sampling integrates ``dx/dt = v(x, t)`` from t=0 to 1 with
-torchdiffeq: fewer network calls than diffusion for the same quality, and any ODE solver.
+Training samples the probability path ``x_t = alpha_t x1 + sigma_t x0`` (``x0 ~ N(0, I)``,
+``x1`` the action chunk; ``flow_scheduler`` condot is the straight-line rectified flow) and
+regresses its velocity. Sampling integrates ``dx/dt = v(x, t)`` from t=0 to 1 with
+``flow_solver``: fewer network calls than diffusion for the same quality. Paths and solvers are
+:mod:`icrt.generative.paths`, shared with the goal-mask model.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from icrt.config import PolicyConfig
+from icrt.generative.paths import FlowMatchingPath, PathConfig, SamplerConfig
 from icrt.models.heads.base import (
     ActionHead,
     Denoiser,
@@ -31,9 +32,10 @@ class FlowHead(ActionHead):
 
     def __init__(self, d_model: int, action_dim: int, num_pred_steps: int, cfg: PolicyConfig):
         super().__init__(d_model, action_dim, num_pred_steps, cfg)
-        self.solver = cfg.flow_solver
+        self.path = FlowMatchingPath(PathConfig(scheduler=cfg.flow_scheduler))
+        self.sampler = SamplerConfig(method=cfg.flow_solver, atol=cfg.flow_tolerance,
+                                     rtol=cfg.flow_tolerance)
         self.num_steps = cfg.flow_num_steps
-        self.tolerance = cfg.flow_tolerance
         self.net = Denoiser(self.chunk_dim, d_model, cfg.head_hidden_dim, cfg.head_num_layers)
 
     def velocity(self, x: Tensor, t: Tensor, hidden: Tensor) -> Tensor:
@@ -43,11 +45,9 @@ class FlowHead(ActionHead):
     def loss(self, hidden: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         N = hidden.shape[0]
         x1 = fill_masked_steps(target, mask).flatten(1)  # (N, K*A)
-        x0 = torch.randn_like(x1)
-        t = torch.rand(N, device=x1.device, dtype=x1.dtype)
-        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        xt, t, velocity = self.path.training_pair(x1)
         pred = self.velocity(xt, t, hidden)
-        per_step = (pred - (x1 - x0)).square().view(N, self.num_pred_steps, -1).mean(-1)
+        per_step = (pred - velocity).square().view(N, self.num_pred_steps, -1).mean(-1)
         return masked_step_mean(per_step, mask)  # (N,)
 
     @torch.no_grad()
@@ -60,17 +60,6 @@ class FlowHead(ActionHead):
         """Integrate from noise (zeros when ``deterministic``) with ``cfg.flow_solver``."""
         N = hidden.shape[0]
         x0 = initial_noise((N, self.chunk_dim), generator, deterministic, hidden)
-
-        def field(t: Tensor, x: Tensor) -> Tensor:
-            return self.velocity(x, t.expand(N), hidden)
-
-        if self.solver == "dopri5":
-            times = torch.tensor([0.0, 1.0], device=hidden.device, dtype=hidden.dtype)
-            path = odeint(
-                field, x0, times, method="dopri5", atol=self.tolerance, rtol=self.tolerance
-            )
-        else:
-            # Fixed-grid solvers step exactly between consecutive requested times.
-            times = torch.linspace(0.0, 1.0, self.num_steps + 1, device=hidden.device)
-            path = odeint(field, x0, times.to(hidden.dtype), method=self.solver)
-        return path[-1].view(N, self.num_pred_steps, self.action_dim)
+        x1 = self.path.sample(lambda x, t: self.velocity(x, t, hidden), x0.shape,
+                              self.num_steps, self.sampler, x_init=x0)
+        return x1.view(N, self.num_pred_steps, self.action_dim)
