@@ -13,6 +13,7 @@ so every block starts as the identity.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -86,6 +87,12 @@ class DiT(nn.Module):
         if cfg.hidden_size % 4 or cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"hidden_size {cfg.hidden_size} must be divisible by 4 and by "
                              f"num_heads {cfg.num_heads}.")
+        pixels = cfg.in_ch * cfg.patch_size**2
+        if pixels > cfg.hidden_size:
+            logging.getLogger(__name__).warning(
+                "each %dx%d patch holds %d input values but a token only %d: the network cannot "
+                "pass the noise through and samples stay speckled; use a smaller patch size or "
+                "a larger hidden size", cfg.patch_size, cfg.patch_size, pixels, cfg.hidden_size)
         self.cfg = cfg
         self.grid = image_size // cfg.patch_size
         h, p = cfg.hidden_size, cfg.patch_size
