@@ -165,6 +165,20 @@ def test_dopri5_and_rk4_agree_on_a_smooth_field():
     assert (euler - out["dopri5"]).abs().max() > 1e-3  # 5 Euler steps are visibly off
 
 
+def test_largest_component_keeps_the_biggest_blob():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_goals", ROOT / "scripts/sample_goals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mask = np.zeros((10, 10), np.float32)
+    mask[1:4, 1:4] = 0.9  # 9 pixels
+    mask[7, 7] = 1.0  # a speckle
+    out = module.largest_component(mask)
+    assert out.sum() == 9 and out[7, 7] == 0 and out[2, 2] == 1
+    assert module.largest_component(np.zeros((4, 4))).sum() == 0
+
+
 def test_network_input_channels():
     ctx = torch.rand(2, 5, 16, 16)
     x = network_input(ctx, torch.randn(2, 1, 16, 16))
@@ -241,6 +255,7 @@ def test_sample_script_scores_generated_scenes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 12 and 0.0 <= metrics["checker_accepts"] <= 1.0
+    assert 0.0 <= metrics["checker_accepts_largest_component"] <= 1.0
     assert metrics["sampler"]["method"] == "euler" and metrics["ms_per_sample"] > 0
     assert sorted(p.name for p in out.glob("*.png")) == ["panel_000.png", "panel_001.png"]
 
