@@ -47,6 +47,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished directory ``tmp`` at ``path``, replacing what is there: the old one is
+    renamed aside first and removed only after the new one is in place (fsynced)."""
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:

@@ -14,13 +14,14 @@ so every block starts as the identity.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
+
+from icrt.models.heads.base import timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,6 @@ class DiTConfig:
     num_heads: int = 4
     # MLP width as a multiple of hidden_size.
     mlp_ratio: float = 4.0
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim) of times in [0, 1] (scaled by 1000 first, the
-    range the frequencies were designed for)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:
@@ -130,7 +122,8 @@ class DiT(nn.Module):
         B = x.shape[0]
         t = t.reshape(-1).expand(B) if t.numel() in (1, B) else t
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, h)
-        c = self.t_embedder(timestep_embedding(t, 256).to(tokens.dtype))
+        # times in [0, 1] scaled to the range the sinusoid's frequencies were designed for
+        c = self.t_embedder(timestep_embedding(1000.0 * t, 256).to(tokens.dtype))
         for block in self.blocks:
             tokens = block(tokens, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)

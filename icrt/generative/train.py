@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icrt.errors import UserError
-from icrt.fsutil import atomic_write_text, fsync_path
+from icrt.fsutil import atomic_write_text, fsync_path, replace_dir
 from icrt.generative.data import GoalMaskDataset, network_input, scene_files, split_files
 from icrt.generative.dit import DiT, DiTConfig
 from icrt.generative.paths import Objective, PathConfig, SamplerConfig, build_path
@@ -210,12 +210,7 @@ def save_goal_checkpoint(path: Path, model: GoalModel, cfg: GenerativeConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"Saving checkpoint '{path}' failed ({e.strerror or e}); the previous "
                         f"checkpoints are intact.") from None
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 def load_goal_model(path: str | Path, device: str | torch.device = "cpu"

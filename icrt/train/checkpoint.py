@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from icrt.config import ExperimentConfig, config_from_dict, save_config
 from icrt.data.transforms import Normalizer
 from icrt.errors import UserError
-from icrt.fsutil import fsync_path, pid_alive, remove_leftovers
+from icrt.fsutil import fsync_path, pid_alive, remove_leftovers, replace_dir
 from icrt.models.policy import ICRTPolicy, PolicySpec
 
 log = logging.getLogger(__name__)
@@ -152,13 +152,7 @@ def save_checkpoint(
         reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
         raise UserError(f"Saving checkpoint '{path}' failed ({reason}); the previous "
                         f"checkpoints are intact.") from None
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, path)
     return path
 
 
