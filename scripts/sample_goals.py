@@ -120,7 +120,8 @@ def main(cfg: SampleConfig) -> None:
                "samples": n, "ms_per_sample": 1000 * seconds / n,
                "iou": float(np.mean([goal_iou(s[0].numpy(), data.goal[i][0].numpy())
                                      for i in range(len(data)) for s in samples[i]]))}
-    cleaned = [[largest_component(s[0].numpy()) for s in samples[i]] for i in range(len(data))]
+    cleaned = [[largest_component(s[0].numpy()) for s in samples[i]] for i in range(len(data))
+               ] if cfg.largest_component else []
     if cfg.largest_component:
         metrics["iou_largest_component"] = float(np.mean([
             goal_iou(c, data.goal[i][0].numpy()) for i in range(len(data)) for c in cleaned[i]]))

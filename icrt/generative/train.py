@@ -84,8 +84,6 @@ class GenerativeTrainerConfig:
     num_val_images: int = 4
     # Linear learning-rate warm-up, in epochs, before the cosine decay.
     warmup_epochs: float = 1.0
-    # Loader worker processes.
-    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,8 +147,9 @@ def config_from_dict(d: dict[str, Any]) -> GenerativeConfig:
                             path=PathConfig(**m["path"]), sampler=SamplerConfig(**m["sampler"]),
                             aux_loss_weight=m["aux_loss_weight"])
     rest = {k: v for k, v in d.items() if k not in ("data", "model", "trainer")}
-    return GenerativeConfig(**rest, data=DataConfig(**d["data"]), model=model,
-                            trainer=GenerativeTrainerConfig(**d["trainer"]))
+    known = {f.name for f in dataclasses.fields(GenerativeTrainerConfig)}
+    trainer = GenerativeTrainerConfig(**{k: v for k, v in d["trainer"].items() if k in known})
+    return GenerativeConfig(**rest, data=DataConfig(**d["data"]), model=model, trainer=trainer)
 
 
 class GoalModel(nn.Module):

@@ -192,7 +192,6 @@ class Decoder:
         self.v = torch.zeros(shape, dtype=self.dtype, device=p.device)
         self.length = 0
         self.packed = self.weight_dtype == "int8" and _int8pack_ok(p.device)
-        self.compiled = compile
         self._step_fns = None
         if compile:
             # one graph per (shape, dtype, step length) is compiled, and dynamo counts them per
