@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export MUJOCO_GL ?= egl
 
-.PHONY: install test test-fast lint format bench demo icg mwh
+.PHONY: install test test-fast lint format bench demo icg mwh compare
 
 # The Meta-World demo (BENCHMARKS.md MW5): five tasks, 20 scripted demonstrations each for
 # training, 10 more each held out as prompts; a 128x4 policy trained on the CPU; 20 prompted
@@ -53,6 +53,45 @@ demo: $(STAMP)
 	    --num-prompts 1 --episodes-per-task 20 --max-steps 200 --workers 2 \
 	    --out $(DEMO_RUN)/eval_prompted.json --baseline $(DEMO_RUN)/eval_noprompt.json && \
 	echo "make demo: $$(( $$(date +%s) - start )) s in all"
+
+# In-context vs classic behaviour cloning on the same data (README "Against behaviour
+# cloning"): the ACT-style and diffusion-policy-style presets trained with the demo's recipe on
+# its store and split, every policy evaluated on the same episodes, then one table. Needs
+# `make demo`'s data and run. Other benchmarks: set COMPARE_DATA, COMPARE_ICL, COMPARE_NAME and
+# the flag variables.
+COMPARE_NAME ?= mw5
+COMPARE_DATA ?= data/mw5.json
+COMPARE_PROMPTS ?= data/mw5_prompts.json
+COMPARE_ICL ?= $(DEMO_RUN)
+COMPARE_TRAIN ?= --shared-cfg.seq-length 192 --shared-cfg.batch-size 8 --trainer-cfg.accum-iter 1 \
+	--trainer-cfg.epochs 40 --trainer-cfg.num-workers 0 --optimizer-cfg.lr 1e-3 \
+	--optimizer-cfg.warmup-epochs 2 --dataset-cfg.non-overlapping 16 --shared-cfg.save-every 10
+COMPARE_EVAL ?= --episodes-per-task 20 --max-steps 200 --workers 2
+
+compare: $(STAMP)
+	test -d $(COMPARE_ICL) || { echo "run make demo first (no $(COMPARE_ICL))"; exit 1; }
+	for m in act diffusion; do \
+	    run=runs/$(COMPARE_NAME)_$$m; \
+	    if [ -d $$run ]; then mv $$run $$run.$$(date +%Y%m%d-%H%M%S); fi; \
+	    $(PY) scripts/train.py --preset $$m-mini --dataset-cfg.dataset-json $(COMPARE_DATA) \
+	        $(COMPARE_TRAIN) --logging-cfg.output-dir runs \
+	        --logging-cfg.log-name $(COMPARE_NAME)_$$m --logging-cfg.no-wandb || exit 1; \
+	done
+	$(PY) scripts/eval.py --checkpoint $(COMPARE_ICL) $(COMPARE_EVAL) --no-prompt \
+	    --out $(COMPARE_ICL)/compare_noprompt.json
+	$(PY) scripts/eval.py --checkpoint $(COMPARE_ICL) $(COMPARE_EVAL) --num-prompts 1 \
+	    --prompt-dataset $(COMPARE_PROMPTS) --out $(COMPARE_ICL)/compare_prompted.json
+	$(PY) scripts/eval.py --checkpoint runs/$(COMPARE_NAME)_act $(COMPARE_EVAL) --no-prompt \
+	    --out runs/$(COMPARE_NAME)_act/compare.json
+	$(PY) scripts/eval.py --checkpoint runs/$(COMPARE_NAME)_diffusion $(COMPARE_EVAL) \
+	    --no-prompt --execution open_loop --open-loop-steps 8 \
+	    --out runs/$(COMPARE_NAME)_diffusion/compare.json
+	$(PY) scripts/compare.py --title $(COMPARE_NAME) \
+	    "in-context, 1 prompt=$(COMPARE_ICL)/compare_prompted.json" \
+	    "in-context, no prompt=$(COMPARE_ICL)/compare_noprompt.json" \
+	    "ACT-style=runs/$(COMPARE_NAME)_act/compare.json" \
+	    "diffusion-style=runs/$(COMPARE_NAME)_diffusion/compare.json" \
+	    --out runs/$(COMPARE_NAME)_compare.md
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py all

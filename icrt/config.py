@@ -26,8 +26,10 @@ import tyro
 
 from icrt.errors import UserError
 from icrt.fsutil import atomic_write_text
+from icrt.presets import PRESETS, preset_flags, presets_help
 
 Norm = Literal["mean_std", "min_max", "q01_q99", "none"]
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 
 def _positive(value: float, flag: str, allow_zero: bool = False) -> None:
@@ -46,6 +48,10 @@ LoraTarget = Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3", "q_proj", "k_proj
 class DatasetConfig:
     # Dataset JSON listing the episode stores, observation/action keys and train split.
     dataset_json: str = "data/mw5.json"
+    # Store keys that feed the policy, low-dim keys and cameras: `state`, `proprio image_corner`.
+    # Default: the dataset JSON's proprio_keys and image_keys (without an image_keys field,
+    # the stores' camera keys).
+    input_sensors: tuple[str, ...] | None = None
     # Group episodes by task so that prompt and query trajectories share a task.
     sort_by_lang: bool = True
     # Keep every training sequence inside one task (no window spans two tasks).
@@ -109,6 +115,12 @@ class DatasetConfig:
                                  f"{p}min-episode-length ({self.min_episode_length}).")
         if self.task_names is not None and len(self.task_names) == 0:
             raise ValueError(f"{p}task-names needs at least one task name.")
+        if self.input_sensors is not None:
+            if not self.input_sensors:
+                raise ValueError(f"{p}input-sensors needs at least one low-dim key or camera.")
+            twice = sorted({k for k in self.input_sensors if self.input_sensors.count(k) > 1})
+            if twice:
+                raise ValueError(f"{p}input-sensors names {', '.join(twice)} more than once.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +215,7 @@ class PolicyConfig:
     # Loss weight of the first --dataset-cfg.num-weighted-steps steps of each trajectory.
     step_weight: float = 1.0
     # Action head, a name in icrt.models.heads.HEADS: mlp (L1/L2 regression), gmm (Gaussian
-    # mixture), diffusion (DDPM/DDIM), flow (flow matching).
+    # mixture), diffusion (DDPM/DDIM), flow (flow matching), cvae (ACT's conditional VAE).
     decoder_pred_head: str = "mlp"
     # Hidden width of the action head.
     head_hidden_dim: int = 256
@@ -211,6 +223,10 @@ class PolicyConfig:
     head_num_layers: int = 2
     # Regression loss of the mlp head.
     mlp_loss: Literal["l1", "l2"] = "l1"
+    # Latent size of the cvae head (ACT's conditional VAE; 32 in ACT).
+    cvae_latent_dim: int = 32
+    # Weight of the cvae head's KL term (ACT: 10; 0 trains a plain L1 chunk regression).
+    cvae_kl_weight: float = 10.0
     # Mixture components of the gmm head.
     gmm_num_components: int = 5
     # Diffusion steps used in training (the noise schedule's length).
@@ -244,10 +260,11 @@ class PolicyConfig:
         p = "--model-cfg.policy-cfg."
         for name in ("lora_rank", "adapter_num_heads", "head_hidden_dim", "gmm_num_components",
                      "num_train_diffusion_steps", "num_inference_diffusion_steps",
-                     "flow_num_steps"):
+                     "flow_num_steps", "cvae_latent_dim"):
             _positive(getattr(self, name), p + name.replace("_", "-"))
         _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
         _positive(self.flow_tolerance, p + "flow-tolerance")
+        _positive(self.cvae_kl_weight, p + "cvae-kl-weight", allow_zero=True)
         _positive(self.lora_alpha, p + "lora-alpha")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"{p}lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
@@ -384,6 +401,13 @@ class SharedConfig:
     keep_last: int = 3
     # Actions predicted per state token (the action chunk length).
     num_pred_steps: int = 16
+    # Sliding window: each query step sees the prompt and only the query's last N steps (in
+    # training and when acting; the prompt stays in context). Default: the whole query.
+    sliding_window: int | None = None
+    # Train with prompts (in-context). --shared-cfg.no-prompt: behaviour cloning, every
+    # trajectory in a context of its own (as ACT and diffusion policy train); evaluation then
+    # acts without prompts.
+    prompt: bool = True
     # Predict actions relative to the current pose, as ICRT does (translation in the end-effector
     # frame, relative rotation, gripper absolute; see docs/data.md). Default: follow the data,
     # on when the action key holds absolute pose targets and declares the pose they refer to
@@ -429,6 +453,8 @@ class SharedConfig:
         _positive(self.num_pred_steps, p + "num-pred-steps")
         _positive(self.keep_last, p + "keep-last", allow_zero=True)
         _positive(self.save_every_steps, p + "save-every-steps", allow_zero=True)
+        if self.sliding_window is not None:
+            _positive(self.sliding_window, p + "sliding-window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,8 +499,30 @@ class EvalConfig:
     # named here. The results then also report how often the *prompted* task was done (prompt
     # following; needs an adapter that can judge another task, e.g. the robosuite family).
     prompt_tasks: tuple[str, ...] | None = None
-    # Episodes per task.
-    episodes_per_task: int = 20
+    # Episodes per task (default: 20, or the size of --eval-subset, which fixes it).
+    episodes_per_task: int | None = None
+    # Named evaluation subset: fixed simulator seeds per task, the same on every machine:
+    # minival (5 per task), val (20) or test (50), optionally versioned (minival@v1; default:
+    # the latest version). Its seeds never repeat a collected demonstration's; see
+    # docs/eval.md. Default: seeds derived from --seed.
+    eval_subset: str | None = None
+    # Perturb the observations the policy sees (not the simulator): noise on low-dimensional
+    # keys, lighting jitter and shifts on camera frames; reproducible per episode seed.
+    test_augmentation: bool = False
+    # With --test-augmentation: std of Gaussian noise on low-dimensional observations, in
+    # their raw units (e.g. metres), drawn every step.
+    obs_noise_std: float = 0.01
+    # With --test-augmentation: brightness offset B, as a fraction of 255; drawn per episode
+    # and camera from -B to B.
+    image_brightness: float = 0.1
+    # With --test-augmentation: contrast factor drawn per episode and camera from [1-C, 1+C].
+    image_contrast: float = 0.1
+    # With --test-augmentation: camera frames shifted by up to this many pixels each step,
+    # the edges replicated.
+    image_shift: int = 4
+    # Evaluate the tasks in a random order drawn from --seed (recorded as task_order; the
+    # results are still reported per task, in the given order).
+    shuffle: bool = False
     # Episode length limit (default: the environment's).
     max_steps: int | None = None
     # Parallel worker processes (each runs its own simulator and policy copy).
@@ -508,9 +556,36 @@ class EvalConfig:
     videos_per_task: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "episodes_per_task", "workers", "threads_per_worker",
-                     "num_envs"):
+        for name in ("num_prompts", "workers", "threads_per_worker", "num_envs"):
             _positive(getattr(self, name), "--" + name.replace("_", "-"))
+        if self.episodes_per_task is not None:
+            _positive(self.episodes_per_task, "--episodes-per-task")
+        if self.eval_subset is not None:
+            from icrt.eval.subsets import parse_subset
+
+            subset = parse_subset(self.eval_subset)
+            n = subset.episodes_per_task
+            if self.episodes_per_task not in (None, n):
+                raise ValueError(
+                    f"--eval-subset {subset.label} fixes {n} episodes per task, so "
+                    f"--episodes-per-task {self.episodes_per_task} conflicts with it; drop "
+                    f"--episodes-per-task.")
+        _positive(self.obs_noise_std, "--obs-noise-std", allow_zero=True)
+        for flag, value in (("--image-brightness", self.image_brightness),
+                            ("--image-contrast", self.image_contrast)):
+            if not 0.0 <= value <= 1.0:  # NaN fails too
+                raise ValueError(f"{flag} must be in [0, 1] (got {value}).")
+        _positive(self.image_shift, "--image-shift", allow_zero=True)
+        knobs = {"obs_noise_std": 0.01, "image_brightness": 0.1, "image_contrast": 0.1,
+                 "image_shift": 4}
+        changed = [k for k, v in knobs.items() if getattr(self, k) != v]
+        if changed and not self.test_augmentation:
+            raise ValueError(f"--{changed[0].replace('_', '-')} only applies with "
+                             f"--test-augmentation; add it or drop the setting.")
+        if self.test_augmentation and not any(getattr(self, k) for k in knobs):
+            raise ValueError("--test-augmentation with every strength at 0 perturbs nothing; "
+                             "raise one of --obs-noise-std, --image-brightness, "
+                             "--image-contrast, --image-shift.")
         _positive(self.eval_every, "--eval-every", allow_zero=True)
         _positive(self.eval_every_steps, "--eval-every-steps", allow_zero=True)
         _positive(self.videos_per_task, "--videos-per-task", allow_zero=True)
@@ -542,10 +617,14 @@ class ExperimentConfig:
     trainer_cfg: TrainerConfig = TrainerConfig()
     # Simulator evaluation during training (off unless --eval-cfg.eval-every N).
     eval_cfg: EvalConfig = EvalConfig()
-    # Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
+    # Device: auto (this rank's CUDA GPU if available, else Apple's MPS, else the CPU), cpu,
+    # cuda, cuda:N or mps; anything else is refused.
     device: str = "auto"
     # Start from this saved config file (JSON); flags given as well override it.
     load_config: str | None = None
+    # Model preset: backbone size, action head and encoder as named flags (listed above and
+    # in docs/training.md); applied after --load-config, and flags given as well override it.
+    preset: PresetName | None = None
     # ICRT: train (default) or evaluate; evaluation is scripts/eval.py, so --no-train is refused.
     train: bool = True
     # Legacy launcher flags (python -m torch.distributed.launch): accepted; the process group is
@@ -647,13 +726,15 @@ def load_config(path: str | os.PathLike, cls: type = ExperimentConfig) -> Any:
         raise UserError(f"Config file '{path}' is not a valid {cls.__name__}: {e}") from None
 
 
-def _find_load_config(args: Sequence[str]) -> str | None:
+def _find_flag(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` (``--flag V`` or ``--flag=V``; the last one wins), or None."""
+    value = None
     for i, a in enumerate(args):
-        if a == "--load-config" and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--load-config="):
-            return a.split("=", 1)[1]
-    return None
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 # Options whose default is "decide from the data" but which users pass as ICRT's on/off flags.
@@ -691,9 +772,15 @@ def parse_config(
 
     argv = _tristate_flags(args if args is not None else sys.argv[1:])
     default = None
-    path = _find_load_config(argv)
+    path = _find_flag(argv, "--load-config")
     if path is not None and path != "None":
         default = dataclasses.replace(load_config(path, cls), load_config=path)
+    preset = _find_flag(argv, "--preset") if cls is ExperimentConfig else None
+    if cls is ExperimentConfig:
+        description = (description or "") + "\n\nPresets (--preset NAME):\n" + presets_help()
+    if preset is not None and preset != "None":
+        # the preset's flags over the defaults, then the command line's over both
+        default = tyro.cli(cls, args=list(preset_flags(preset)), default=default)
     return tyro.cli(cls, args=argv, default=default, description=description)
 
 

@@ -62,7 +62,7 @@ class CacheFeaturesConfig:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = tyro.cli(CacheFeaturesConfig, description=__doc__)
-    from icrt.data.spec import DatasetSpec
+    from icrt.data.spec import DatasetSpec, select_sensors
     from icrt.data.store import EpisodeStore
     from icrt.models.encoders.features import precompute_features, require_frozen_config
     from icrt.models.encoders.vision import VisionEncoder
@@ -70,7 +70,8 @@ def main() -> None:
     jobs: list[tuple[str, tuple[str, ...]]] = []
     if cfg.dataset_json is not None:
         spec = DatasetSpec.load(cfg.dataset_json)
-        cams = cfg.camera_keys or spec.image_keys
+        cams = cfg.camera_keys or (spec.image_keys if spec.image_keys_listed  # else detected
+                                   else select_sensors(spec).image_keys)
         if not cams:
             raise UserError(f"Dataset JSON '{cfg.dataset_json}' lists no image_keys to encode.")
         jobs += [(str(s), cams) for s in spec.stores]

@@ -191,3 +191,46 @@ def test_the_rest_of_icrts_flags_have_their_meaning_or_one_sentence(tmp_path, re
         printed = capsys.readouterr()
         text = " ".join((printed.err + printed.out).replace("│", " ").split())
         assert message in text, (flags, text)
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    import torch
+
+    from icrt.train.dist import resolve_device
+
+    def available(cuda: bool, mps: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+    available(cuda=True, mps=True)
+    assert resolve_device("auto") == torch.device("cuda:0")
+    assert resolve_device("auto", local_rank=3) == torch.device("cuda:3")
+    available(cuda=False, mps=True)
+    assert resolve_device("auto") == torch.device("mps")
+    assert resolve_device("mps") == torch.device("mps")
+    available(cuda=False, mps=False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for flag, message in (("mps", "MPS is not available"), ("cuda", "no CUDA device")):
+        with pytest.raises(UserError, match=message):
+            resolve_device(flag)
+
+
+@pytest.mark.parametrize("flag", ["tpu", "gpu0", "xla", "meta", "cuda:x", ""])
+def test_unknown_device_is_one_sentence(flag):
+    from icrt.train.dist import resolve_device
+
+    with pytest.raises(UserError) as info:
+        resolve_device(flag)
+    message = str(info.value)
+    assert f"--device '{flag}'" in message and "use auto, cpu, cuda, cuda:N or mps" in message
+    assert message.endswith(".") and ". " not in message and "\n" not in message
+
+
+def test_training_device_help_lists_the_accepted_devices():
+    result = subprocess.run(
+        [sys.executable, "-c", "from icrt.config import parse_config; parse_config(['-h'])"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"},  # one column
+    )
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert ("auto (this rank's CUDA GPU if available, else Apple's MPS, else the CPU), cpu, "
+            "cuda, cuda:N or mps; anything else is refused") in text

@@ -208,3 +208,116 @@ def test_dtype_is_used_and_recorded(trained):
     assert [e["return"] for e in int8["episodes"]] != [e["return"] for e in fp32["episodes"]]
     with pytest.raises(ValueError, match="int8 decodes one episode per process"):
         _cfg(root, run, dtype="int8", num_envs=2)
+
+
+def test_subset_augmentation_and_task_order_land_in_the_results_json(trained, tmp_path,
+                                                                      monkeypatch):
+    """A named subset fixes the seeds (same every run, none a collected episode's); the
+    augmentation settings and the order the tasks ran in are recorded."""
+    from icrt.eval import rollout
+    from icrt.eval.subsets import parse_subset
+
+    root, run = trained
+    ran = []
+    original = rollout.run_prompted_episode
+
+    def recording(job):
+        ran.append(job.task)
+        return original(job)
+
+    monkeypatch.setattr(rollout, "run_prompted_episode", recording)
+    out = tmp_path / "results.json"
+    results = evaluate(_cfg(root, run, episodes_per_task=None, eval_subset="minival",
+                            test_augmentation=True, obs_noise_std=0.02, shuffle=True,
+                            max_steps=5, out=str(out)), progress=False)
+    saved = json.loads(out.read_text())
+    subset = parse_subset("minival@v1")
+    assert saved["eval_subset"] == {
+        "name": "minival", "version": "v1", "label": "minival@v1", "episodes_per_task": 5,
+        "seeds": {t: subset.seeds(t) for t in TASKS}}
+    assert saved["episodes_per_task"] == 5
+    for task in TASKS:
+        assert [e["seed"] for e in saved["episodes"] if e["task"] == task] == subset.seeds(task)
+        assert saved["tasks"][task]["episodes"] == 5
+    stored = set(EpisodeStore.open(root / "mw.zarr").episode_seed.tolist())
+    stored |= set(EpisodeStore.open(root / "mw_prompts.zarr").episode_seed.tolist())
+    assert not {e["seed"] for e in saved["episodes"]} & stored
+    assert saved["test_augmentation"] == {
+        "obs_noise_std": 0.02, "brightness": 0.1, "contrast": 0.1, "shift": 4,
+        "low_dim_keys": ["state"], "camera_keys": []}
+    assert saved["shuffle"] is True and sorted(saved["task_order"]) == sorted(TASKS)
+    assert list(dict.fromkeys(ran)) == saved["task_order"]  # the order episodes ran in
+    assert "subset minival@v1, test augmentation" in format_table(results)
+    plain = evaluate(_cfg(root, run, no_prompt=True, episodes_per_task=1, max_steps=2),
+                     progress=False)
+    assert plain["eval_subset"] is None and plain["test_augmentation"] is None
+    assert plain["task_order"] == list(plain["tasks"]) and plain["shuffle"] is False
+    assert list(saved["tasks"]) == list(plain["tasks"])  # reported in the given order
+    assert plain["episodes_per_task"] == 1
+    with pytest.raises(ValueError, match="fixes 5 episodes per task"):
+        _cfg(root, run, eval_subset="minival")  # _cfg's explicit 2 episodes conflict
+
+
+def test_shuffled_task_order_is_seeded(trained):
+    root, run = trained
+    tasks = ("reach-v3", "push-v3", "button-press-topdown-v3")
+    orders = []
+    for seed in range(4):
+        cfg = _cfg(root, run, no_prompt=True, episodes_per_task=1, max_steps=1, shuffle=True,
+                   seed=seed, tasks=tasks)
+        results = evaluate(cfg, progress=False)
+        assert list(results["tasks"]) == list(tasks)  # reported in the given order
+        orders.append(tuple(results["task_order"]))
+    again = _cfg(root, run, no_prompt=True, episodes_per_task=1, max_steps=1, shuffle=True,
+                 seed=0, tasks=tasks)
+    assert tuple(evaluate(again, progress=False)["task_order"]) == orders[0]  # same seed
+    assert all(sorted(o) == sorted(orders[0]) for o in orders)
+    assert len(set(orders)) > 1  # the seed draws the order
+
+
+def test_augmentation_changes_what_the_policy_sees_reproducibly(trained, monkeypatch):
+    """Noise reaches the policy's observations (not the simulator: with fixed actions the
+    simulator's trajectory is unchanged), and the same episode seed gives the same noise."""
+    import icrt.eval.inference as inference
+    from icrt.eval import rollout
+
+    root, run = trained
+    seen = []
+
+    def act(self, obs):
+        seen.append(np.array(obs["state"], copy=True))
+        return np.zeros(4, np.float32)
+
+    monkeypatch.setattr(inference.InContextPolicy, "act", act)
+
+    def states(**kw):
+        seen.clear()
+        rollout._WORKER.clear()
+        evaluate(_cfg(root, run, tasks=("reach-v3",), episodes_per_task=1, max_steps=8, **kw),
+                 progress=False)
+        return np.stack(seen)
+
+    plain = states()
+    noisy = states(test_augmentation=True, obs_noise_std=0.05)
+    again = states(test_augmentation=True, obs_noise_std=0.05)
+    rollout._WORKER.clear()
+    np.testing.assert_array_equal(noisy, again)
+    assert plain.shape == noisy.shape == (8, plain.shape[1])
+    assert not np.allclose(plain, noisy)
+    residual = noisy - plain  # only the noise: the simulator saw the same actions
+    assert 0.02 < residual.std() < 0.1 and abs(residual.mean()) < 0.02
+
+
+def test_augmentation_is_the_same_with_batched_simulators(trained):
+    root, run = trained
+    keys = ("task", "index", "seed", "success", "length")
+    aug = dict(test_augmentation=True, obs_noise_std=0.05, episodes_per_task=2)
+    one = evaluate(_cfg(root, run, **aug), progress=False)
+    batched = evaluate(_cfg(root, run, num_envs=2, **aug), progress=False)
+    plain = evaluate(_cfg(root, run, episodes_per_task=2), progress=False)
+    assert [{k: e[k] for k in keys} for e in batched["episodes"]] == \
+        [{k: e[k] for k in keys} for e in one["episodes"]]
+    np.testing.assert_allclose([e["return"] for e in batched["episodes"]],
+                               [e["return"] for e in one["episodes"]], rtol=1e-3, atol=1e-3)
+    assert not np.allclose([e["return"] for e in one["episodes"]],
+                           [e["return"] for e in plain["episodes"]], rtol=1e-3, atol=1e-3)

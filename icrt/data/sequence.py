@@ -26,6 +26,8 @@ Each item is a dict of tensors (T = seq_length, K = num_pred_steps)::
     loss_mask      (T,) bool        False on steps the policy acted on in a DAgger store
                                     (key ``step_source``), which stay in context without loss
     episode_start  (T,) bool        first step of a trajectory
+    context_id     (T,) int64       only without prompts (``no_prompt``): the trajectory
+                                    occurrence of each step; steps attend within their own
     task, episode  (T,) int64       task index (into ``dataset.tasks``) and episode index
 
 Sampling is a pure function of (seed, epoch, index): call ``set_epoch`` together with the
@@ -139,7 +141,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.cfg = dataset_cfg
         self.shared = shared_cfg
         self.split = split
-        self.spec = spec or DatasetSpec.load(dataset_cfg.dataset_json)
+        self.spec = spec or DatasetSpec.for_run(dataset_cfg)
         self.seq_length = shared_cfg.seq_length
         self.num_pred_steps = shared_cfg.num_pred_steps
         self.seed = shared_cfg.seed
@@ -525,8 +527,12 @@ class SequenceDataset(torch.utils.data.Dataset):
         else:
             chunk = self._action[chunk_rows]  # (T, K, A)
 
-        eos = np.flatnonzero(t == length - 1)
-        prompt_mask, weighted = self._prompt_mask(eos, rng)
+        if not self.shared.prompt:  # behaviour cloning: no prompt, trajectories apart
+            prompt_mask = np.zeros(T, bool)
+            n = self.cfg.num_weighted_steps
+            weighted = t < (n if n >= 1 else n * length)
+        else:
+            prompt_mask, weighted = self._prompt_mask(np.flatnonzero(t == length - 1), rng)
         item = {
             "proprio": torch.from_numpy(np.asarray(proprio, np.float32)),
             "action": torch.from_numpy(np.asarray(action, np.float32)),
@@ -539,6 +545,8 @@ class SequenceDataset(torch.utils.data.Dataset):
             "task": torch.from_numpy(self._task_index[ep]),
             "episode": torch.from_numpy(ep),
         }
+        if not self.shared.prompt:  # each trajectory occurrence attends only to itself
+            item["context_id"] = torch.from_numpy(occ - occ[0])
         for key in self._frame_keys.values():
             item[key] = torch.from_numpy(self._read_frames(key, occ, ep, t))
         return item

@@ -5,7 +5,8 @@
                                            # {"path": "a.zarr", "weight": 0.7} objects
       "proprio_keys": ["state"],           # low-dim observation keys, concatenated
       "action_keys": ["action"],           # action keys, concatenated
-      "image_keys": [],                    # camera keys, e.g. ["image_agentview"]
+      "image_keys": [],                    # camera keys, e.g. ["image_agentview"]; without
+                                           # the field, the stores' camera keys are used
       "train_split": 0.9,                  # fraction of each task's episodes used for training
       "task_names": null,                  # optional task filter
       "include_failures": false            # train on episodes flagged unsuccessful too
@@ -14,18 +15,26 @@
 Several stores merge into one dataset; tasks with the same name are the same task. A store
 listed with a ``weight`` is a mixture component: the weights (normalised) are the probabilities
 that a training sequence's query comes from each store, whatever the stores' sizes.
+
+A run's inputs are :meth:`DatasetSpec.for_run`: the JSON's keys, or the keys named by
+``--dataset-cfg.input-sensors`` (:func:`select_sensors`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from icrt.data.store import EpisodeStore
 from icrt.errors import UserError
 from icrt.fsutil import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 _FIELDS = {
     "stores",
@@ -54,6 +63,8 @@ class DatasetSpec:
     weights: tuple[float, ...] | None = None
     # ICRT's task_grouping: task -> factor on its episodes per epoch (None: all equal)
     task_ratios: dict[str, float] | None = None
+    # False when the JSON has no image_keys field: the stores' cameras are then used
+    image_keys_listed: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetSpec:
@@ -113,8 +124,8 @@ class DatasetSpec:
                     f"Dataset JSON '{path}': '{name}' must be a list of strings, got "
                     f"{json.dumps(value)}."
                 )
-        for name in ("stores", "proprio_keys", "action_keys"):
-            if not d.get(name) and not (name == "proprio_keys" and d.get("image_keys")):
+        for name in ("stores", "action_keys"):  # inputs are checked by select_sensors
+            if not d.get(name):
                 raise UserError(f"Dataset JSON '{path}' needs a non-empty list '{name}'.")
         if not isinstance(d.get("include_failures", False), bool):
             raise UserError(f"Dataset JSON '{path}': 'include_failures' must be true or false.")
@@ -142,7 +153,15 @@ class DatasetSpec:
             include_failures=bool(d.get("include_failures", False)),
             weights=tuple(float(w) for w in weights if w is not None) or None,
             task_ratios=ratios,
+            image_keys_listed="image_keys" in d,
         )
+
+    @classmethod
+    def for_run(cls, dataset_cfg: Any) -> DatasetSpec:
+        """The dataset a run trains on: ``dataset_cfg.dataset_json`` with the input keys of
+        ``dataset_cfg.input_sensors`` (a :class:`~icrt.config.DatasetConfig`) applied."""
+        return select_sensors(cls.load(dataset_cfg.dataset_json),
+                              getattr(dataset_cfg, "input_sensors", None))
 
     @classmethod
     def _combine(cls, specs: list[DatasetSpec]) -> DatasetSpec:
@@ -170,6 +189,7 @@ class DatasetSpec:
             include_failures=first.include_failures,
             weights=tuple(w for s in specs for w in s.weights) if all(weighted) else None,
             task_ratios={t: r for s in specs for t, r in (s.task_ratios or {}).items()} or None,
+            image_keys_listed=any(s.image_keys_listed for s in specs),
         )
 
     def open_stores(self) -> list[EpisodeStore]:
@@ -189,6 +209,66 @@ class DatasetSpec:
                     f"Key '{key}' declares different rotations across the stores of '{self.path}'."
                 )
         return stores
+
+
+def select_sensors(spec: DatasetSpec, input_sensors: Sequence[str] | None = None) -> DatasetSpec:
+    """``spec`` with the observation keys that feed the policy decided.
+
+    ``input_sensors`` (``--dataset-cfg.input-sensors``) replaces the JSON's ``proprio_keys`` and
+    ``image_keys``: each key is a camera when the stores hold it as images (``image_*``, uint8
+    H x W x 3) and a low-dim input otherwise, in the order given. Without it the JSON's keys
+    stay, and a JSON without an ``image_keys`` field gets the cameras every store holds (an
+    explicit ``"image_keys": []`` means none). Every problem is one sentence."""
+    stores = [EpisodeStore.open(p) for p in spec.stores]
+    flag = "--dataset-cfg.input-sensors"
+    if input_sensors is None:
+        if spec.image_keys_listed or spec.image_keys:
+            cameras: tuple[str, ...] = spec.image_keys
+        else:
+            cameras = tuple(k for k in stores[0].keys if _is_camera(stores[0], k)
+                            and all(k in s.keys and _is_camera(s, k) for s in stores[1:]))
+            if cameras:
+                log.info("dataset '%s' has no image_keys field: using the stores' cameras %s "
+                         "(\"image_keys\": [] for none, or %s to choose)", spec.path,
+                         ", ".join(cameras), flag)
+        out = replace(spec, image_keys=cameras, image_keys_listed=True)
+    else:
+        lowdim, cameras_l = [], []
+        for key in input_sensors:
+            for store in stores:
+                if key not in store.keys:
+                    close = ([f"image_{key}"] if f"image_{key}" in store.keys  # a camera name
+                             else difflib.get_close_matches(key, store.keys, n=1, cutoff=0.6))
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise UserError(
+                        f"Input sensor '{key}' ({flag}) is not a key of store '{store.path}'"
+                        f"{hint}; it has {', '.join(store.keys)}.")
+            info = stores[0].key_info(key)
+            if key in spec.action_keys or info["kind"] == "action":
+                raise UserError(
+                    f"'{key}' is an action key of '{spec.path}', not a sensor; {flag} names "
+                    f"the observation keys the policy sees (low-dim keys and cameras).")
+            if info["kind"] == "feature":
+                camera = "image_" + key.removeprefix("feature_")
+                raise UserError(
+                    f"'{key}' holds cached image features; name the camera '{camera}' in {flag} "
+                    f"and add --model-cfg.vision-encoder-cfg.use-cached-features to train on "
+                    f"its features.")
+            (cameras_l if _is_camera(stores[0], key) else lowdim).append(key)
+        out = replace(spec, proprio_keys=tuple(lowdim), image_keys=tuple(cameras_l),
+                      image_keys_listed=True)
+        log.info("input sensors (%s): low-dim %s, cameras %s", flag,
+                 ", ".join(lowdim) or "none", ", ".join(cameras_l) or "none")
+    if not out.proprio_keys and not out.image_keys:
+        raise UserError(
+            f"Dataset '{spec.path}' gives the policy no input: list low-dim keys in "
+            f"'proprio_keys' or cameras in 'image_keys', or name them with {flag}.")
+    return out
+
+
+def _is_camera(store: EpisodeStore, key: str) -> bool:
+    """A camera: frames the store keeps as images (``image_<camera>``)."""
+    return store.key_info(key)["kind"] == "image"
 
 
 def _task_ratios(path: Path, grouping: Any) -> dict[str, float]:

@@ -23,6 +23,12 @@ a trajectory -- and re-encodes them once; ``overflow="error"`` raises instead. B
 path and ``use_cache=False`` (full recompute every step) apply the same rule, so they give the
 same actions.
 
+Sliding window (a policy trained with ``--shared-cfg.sliding-window N``): each query token
+sees the whole prompt but only the query tokens of its last N steps, as in training. The cache
+keeps the prompt and those steps, dropping older ones as the episode goes on (rotary positions
+keep counting), so nothing slides or is re-encoded; ``use_cache=False`` recomputes the whole
+episode with the same mask every step and gives the same actions.
+
 Decoding: ``act`` runs the backbone through a :class:`~icrt.models.backbones.decode.Decoder`
 (fused projections, a static KV cache written in place) whose weights are ``dtype`` float32
 (default), bfloat16 or int8 (weight-only); ``use_cache=False`` recomputes with the same weights,
@@ -92,7 +98,9 @@ class InContextPolicy:
         self.overflow = overflow
         self.use_cache = use_cache
         self.max_tokens = 2 * self.spec.max_timesteps
+        self.window = self.spec.window  # query steps each token sees (None: all)
         self._decoder: Decoder | None = None  # built on first use, rebuilt if weights change
+        self._slots = torch.zeros(0, dtype=torch.long)  # token indices in the decoder's cache
         self._generator = torch.Generator(device=self.device)
         self.codec = Codec.from_spec(
             self.spec, self.normalizer,
@@ -132,6 +140,9 @@ class InContextPolicy:
         Each demo holds the checkpoint's observation keys and its action key(s) as (T, ...)
         arrays (e.g. ``EpisodeStore.episode(i)``). An empty list means no prompt.
         """
+        if demos and not self.spec.in_context:
+            raise UserError("This policy was trained without prompts (behaviour cloning); "
+                            "evaluate it with --no-prompt.")
         with torch.no_grad():
             tokens = list(self.demo_tokens(demos))
         if len(tokens) > self.max_tokens:
@@ -222,7 +233,7 @@ class InContextPolicy:
 
     def _slide_if_full(self) -> bool:
         """Apply the overflow rule; True when the context now starts later."""
-        if len(self._tokens) - self._offset <= self.max_tokens:
+        if self.window is not None or len(self._tokens) - self._offset <= self.max_tokens:
             return False
         self._offset = self._slide_offset(len(self._tokens))
         return True
@@ -235,7 +246,9 @@ class InContextPolicy:
     def _fresh_decoder(self) -> Decoder:
         """The decoder, (re)built when missing or when the model's weights changed since."""
         if self._decoder is None or self._decoder.stale():
-            self._decoder = Decoder(self.model.backbone, self.max_tokens,
+            # a window keeps the prompt and 2N query tokens (+ the 2 new ones of a step)
+            slots = self.max_tokens + (0 if self.window is None else 2 * self.window + 2)
+            self._decoder = Decoder(self.model.backbone, slots,
                                     dtype=self.weight_dtype, compile=self.compile)
         return self._decoder
 
@@ -245,19 +258,56 @@ class InContextPolicy:
         x = None
         if not self.use_cache:  # reference path: full recompute of the context
             x = torch.stack(self._tokens[self._offset:])[None]
+            mask = None
+            if self.window is not None:
+                idx = torch.arange(self._offset, len(self._tokens))
+                mask = self._window_mask(idx, idx)
             if self.weight_dtype == "float32":  # the training backbone itself
-                return self.model.backbone(x)[0, -1]
+                return self.model.backbone(x, mask=None if mask is None else mask[None])[0, -1]
             decoder = self._fresh_decoder()
+            if x.shape[1] > decoder.max_len:  # a windowed episode longer than the cache
+                decoder = Decoder(self.model.backbone, x.shape[1], dtype=self.weight_dtype)
             decoder.reset()
-            return decoder(x)[0, -1]
+            return decoder(x, mask=mask)[0, -1]
         return self._forward_pending()
 
+    def _window_mask(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(Q, K) bool: which tokens (indices into the episode's tokens) each query token
+        sees under the sliding window: earlier prompt tokens, and query tokens of the last
+        ``window`` steps (a step is a state token and its action token)."""
+        n_prompt = len(self._prompt_tokens)
+        near = (queries[:, None] // 2 - keys[None, :] // 2) < self.window
+        return (keys[None, :] <= queries[:, None]) & ((keys[None, :] < n_prompt) | near)
+
     def _forward_pending(self) -> torch.Tensor | None:
+        if self.window is not None:
+            return self._forward_window()
         start = self._offset + self._decoder.length
         if start >= len(self._tokens):
             return None
         x = torch.stack(self._tokens[start:])[None]  # (1, n_new, D)
         return self._decoder(x)[0, -1]
+
+    def _forward_window(self) -> torch.Tensor | None:
+        """Cached step under the sliding window: new tokens attend to the kept slots through
+        the window mask; then slots no later token can see are dropped."""
+        decoder = self._decoder
+        if decoder.length == 0:
+            self._slots = torch.zeros(0, dtype=torch.long)
+        start = int(self._slots[-1]) + 1 if len(self._slots) else self._offset
+        if start >= len(self._tokens):
+            return None
+        new = torch.arange(start, len(self._tokens))
+        keys = torch.cat([self._slots, new])
+        mask = self._window_mask(new, keys).to(decoder.device)
+        h = decoder(torch.stack(self._tokens[start:])[None], mask=mask)[0, -1]
+        # the next token (this step's action) has this step; it sees steps > step - window
+        step = (len(self._tokens) - 1) // 2
+        keep = (keys < len(self._prompt_tokens)) | (keys // 2 > step - self.window)
+        if not bool(keep.all()):
+            decoder.compact(keep)
+        self._slots = keys[keep]
+        return h
 
     # ------------------------------------------------------------------ conversions
 
@@ -334,6 +384,9 @@ class BatchedInContextPolicy:
         self.model = self.rows[0].model
         self.spec = self.rows[0].spec
         self.max_tokens = self.rows[0].max_tokens
+        if self.spec.window is not None:
+            raise UserError("A sliding-window policy decodes one episode per process; use "
+                            "--num-envs 1.")
         if self.rows[0].weight_dtype == "int8":
             raise UserError("int8 backbones decode one episode per process; use --num-envs 1 "
                             "or --dtype bfloat16.")

@@ -6,8 +6,11 @@
 Each episode of a task is prompted with ``num_prompts`` demonstrations of that task drawn from
 the held-out prompt dataset (never an episode of the checkpoint's training split) and runs until
 the simulator reports success or the step limit. Episodes run in worker processes; everything
-random about an episode (simulator seed, prompt choice, action sampling) derives from
-(seed, task, episode index), so results do not depend on the number of workers.
+random about an episode (simulator seed, prompt choice, action sampling, test-time
+perturbations) derives from (seed, task, episode index), so results do not depend on the number
+of workers. ``eval_subset`` replaces the simulator seeds by a named subset's fixed ones
+(:mod:`icrt.eval.subsets`); ``test_augmentation`` perturbs what the policy sees
+(:mod:`icrt.eval.augment`); ``shuffle`` runs the tasks in a seeded random order.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from icrt.data.store import EpisodeStore
 from icrt.envs.base import check_tasks, episode_seed, make_env
 from icrt.envs.episode import EpisodeRunner, worker_pool
 from icrt.errors import UserError
+from icrt.eval.augment import ObservationPerturber, TestAugmentation
+from icrt.eval.subsets import parse_subset
 from icrt.fsutil import atomic_path, atomic_write_text, check_output_dir, check_output_file
 from icrt.train.checkpoint import read_checkpoint, verify_checkpoint
 
@@ -50,6 +55,7 @@ class _Episode:
     policy_kwargs: tuple[tuple[str, Any], ...]
     video: str | None
     prompt_task: str | None = None  # the task the prompts show, when it is not ``task``
+    augment: TestAugmentation | None = None  # perturbations of what the policy sees
 
 
 # Per worker process: the loaded policy, simulators per task and open prompt stores.
@@ -89,6 +95,17 @@ def _policy(job: _Episode, rows: int = 0) -> Any:
     return _WORKER["policy"]
 
 
+def _perturber(job: _Episode) -> ObservationPerturber | None:
+    """The episode's observation perturbations (None without test augmentation)."""
+    return ObservationPerturber(job.augment, job.seed) if job.augment is not None else None
+
+
+def _policy_obs(obs: dict[str, np.ndarray],
+                perturb: ObservationPerturber | None) -> dict[str, np.ndarray]:
+    """What the policy sees of ``obs``: a perturbed copy with test augmentation."""
+    return obs if perturb is None else perturb(obs)
+
+
 def _start_episode(job: _Episode, slot: int = 0) -> tuple[EpisodeRunner, list[dict],
                                                           set[str] | None]:
     """The simulator of ``job`` reset to its seed (one cached simulator per slot and task), its
@@ -119,7 +136,8 @@ def _start_episode(job: _Episode, slot: int = 0) -> tuple[EpisodeRunner, list[di
 
 
 def _episode_result(job: _Episode, runner: EpisodeRunner, done: set[str] | None,
-                    seconds: float) -> dict[str, Any]:
+                    seconds: float, perturb: ObservationPerturber | None = None
+                    ) -> dict[str, Any]:
     ep = runner.finish()
     if job.video:
         _write_video(Path(job.video), ep.frames, fps=min(30.0, getattr(runner.env, "fps", 30.0)))
@@ -136,6 +154,8 @@ def _episode_result(job: _Episode, runner: EpisodeRunner, done: set[str] | None,
         "prompt_task_done": ep.watched if job.prompt_task is not None else None,
         "tasks_done": None if done is None else sorted(done),
         "video": job.video,
+        # the episode's lighting per camera under test augmentation
+        "augmentation": None if perturb is None else perturb.describe(),
     }
 
 
@@ -144,11 +164,12 @@ def run_prompted_episode(job: _Episode) -> dict[str, Any]:
     policy = _policy(job)
     t0 = time.perf_counter()
     runner, demos, done = _start_episode(job)
+    perturb = _perturber(job)
     policy.prompt(demos)
     policy.reset(seed=job.seed)
     while not runner.done:
-        runner.step(policy.act(runner.obs))
-    return _episode_result(job, runner, done, time.perf_counter() - t0)
+        runner.step(policy.act(_policy_obs(runner.obs, perturb)))
+    return _episode_result(job, runner, done, time.perf_counter() - t0, perturb)
 
 
 def run_prompted_batch(jobs: list[_Episode], num_envs: int) -> list[dict[str, Any]]:
@@ -157,8 +178,8 @@ def run_prompted_batch(jobs: list[_Episode], num_envs: int) -> list[dict[str, An
     Each episode's result is what :func:`run_prompted_episode` gives (up to numerics)."""
     policy = _policy(jobs[0], rows=num_envs)
     pending = list(jobs)
-    slots: list[tuple[_Episode, EpisodeRunner, set[str] | None, float] | None] = \
-        [None] * num_envs
+    slots: list[tuple[_Episode, EpisodeRunner, set[str] | None, float,
+                      ObservationPerturber | None] | None] = [None] * num_envs
     results = []
     while pending or any(slots):
         for i in range(num_envs):
@@ -168,15 +189,16 @@ def run_prompted_batch(jobs: list[_Episode], num_envs: int) -> list[dict[str, An
                 runner, demos, done = _start_episode(job, slot=i)
                 policy.prompt(i, demos)
                 policy.reset(i, seed=job.seed)
-                slots[i] = (job, runner, done, t0)
-        actions = policy.act([s[1].obs if s else None for s in slots])
+                slots[i] = (job, runner, done, t0, _perturber(job))
+        actions = policy.act([_policy_obs(s[1].obs, s[4]) if s else None for s in slots])
         for i, slot in enumerate(slots):
             if slot is None:
                 continue
-            job, runner, done, t0 = slot
+            job, runner, done, t0, perturb = slot
             runner.step(actions[i])
             if runner.done:
-                results.append(_episode_result(job, runner, done, time.perf_counter() - t0))
+                results.append(_episode_result(job, runner, done, time.perf_counter() - t0,
+                                               perturb))
                 slots[i] = None
     return results
 
@@ -247,6 +269,9 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
     if problem:
         raise UserError(f"Checkpoint '{ckpt.path}' is damaged ({problem}).")
     spec = ckpt.spec
+    if not spec.in_context and not cfg.no_prompt:
+        raise UserError(f"Checkpoint '{ckpt.path}' was trained without prompts (behaviour "
+                        f"cloning); evaluate it with --no-prompt.")
     env_name, tasks, env_kwargs = checkpoint_env(ckpt, cfg.env, cfg.tasks, cfg.max_steps)
     if cfg.no_prompt:
         pool: dict[str, list] = {t: [] for t in tasks}
@@ -258,13 +283,23 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
         prompted = _prompted_tasks(cfg, env_name, tasks, env_kwargs)
         pool = _prompt_pool(cfg, sorted(set(prompted.values())), keys,
                             _training_episodes(ckpt.path))
+    subset = parse_subset(cfg.eval_subset) if cfg.eval_subset else None
+    per_task = (subset.episodes_per_task if subset else
+                cfg.episodes_per_task if cfg.episodes_per_task is not None else 20)
+    seeds = {t: (subset.seeds(t) if subset else
+                 [episode_seed(cfg.seed, "eval", t, i) for i in range(per_task)]) for t in tasks}
+    order = list(tasks)
+    if cfg.shuffle:  # the order episodes are run in; results stay in the given order
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(b"task-order")])
+        order = [tasks[i] for i in rng.permutation(len(tasks))]
+    augment = _test_augmentation(cfg, spec) if cfg.test_augmentation else None
     policy_kwargs = (("device", device), ("execution", cfg.execution),
                      ("open_loop_steps", cfg.open_loop_steps),
                      ("ensemble_decay", cfg.ensemble_decay),
                      ("deterministic", cfg.deterministic), ("dtype", cfg.dtype))
     jobs = []
-    for task in tasks:
-        for i in range(cfg.episodes_per_task):
+    for task in order:
+        for i in range(per_task):
             rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode()), i, 3])
             source = task if cfg.no_prompt else prompted[task]
             chosen = () if cfg.no_prompt else tuple(
@@ -275,13 +310,31 @@ def plan_episodes(cfg: EvalConfig) -> tuple[list[_Episode], dict[str, Any]]:
             if cfg.video_dir and i < cfg.videos_per_task:
                 tag = "noprompt" if cfg.no_prompt else f"{cfg.num_prompts}prompt"
                 video = str(Path(cfg.video_dir) / f"{task}_{tag}_ep{i:03d}.mp4")
-            jobs.append(_Episode(str(ckpt.path), env_name, task, i,
-                                 episode_seed(cfg.seed, "eval", task, i), chosen,
+            jobs.append(_Episode(str(ckpt.path), env_name, task, i, seeds[task][i], chosen,
                                  tuple(sorted(env_kwargs.items())), policy_kwargs, video,
-                                 source if source != task else None))
+                                 source if source != task else None, augment))
     meta = {"checkpoint": str(ckpt.path), "env": env_name, "tasks": tasks, "device": device,
-            "trained_tasks": list(spec.tasks)}
+            "trained_tasks": list(spec.tasks), "episodes_per_task": per_task,
+            "task_order": order,
+            "eval_subset": None if subset is None else {
+                "name": subset.name, "version": subset.version, "label": subset.label,
+                "episodes_per_task": per_task, "seeds": seeds},
+            "test_augmentation": None if augment is None else augment.to_dict()}
     return jobs, meta
+
+
+def _test_augmentation(cfg: EvalConfig, spec: Any) -> TestAugmentation:
+    """The perturbations of ``cfg`` on the observation keys the checkpoint's policy reads."""
+    cameras = tuple(spec.camera_keys) if (cfg.image_brightness or cfg.image_contrast
+                                          or cfg.image_shift) else ()
+    side = min(spec.image_shape[:2]) if cameras and spec.image_shape else 0
+    if side and 2 * cfg.image_shift >= side:
+        raise UserError(f"--image-shift {cfg.image_shift} must be below half the checkpoint's "
+                        f"{side}-pixel camera frames.")
+    return TestAugmentation(obs_noise_std=cfg.obs_noise_std, brightness=cfg.image_brightness,
+                            contrast=cfg.image_contrast, shift=cfg.image_shift,
+                            low_dim_keys=tuple(spec.proprio_keys) if cfg.obs_noise_std else (),
+                            camera_keys=cameras)
 
 
 def _prompted_tasks(cfg: EvalConfig, env_name: str, tasks: list[str],
@@ -422,7 +475,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "num_prompts": 0 if cfg.no_prompt else cfg.num_prompts,
         "no_prompt": cfg.no_prompt,
         "prompt_dataset": None if cfg.no_prompt else cfg.prompt_dataset,
-        "episodes_per_task": cfg.episodes_per_task,
+        "episodes_per_task": meta["episodes_per_task"],
+        # a named subset (name, version, seeds per task) or null: seeds derived from --seed
+        "eval_subset": meta["eval_subset"],
+        # perturbations of what the policy saw (null: none)
+        "test_augmentation": meta["test_augmentation"],
+        "shuffle": cfg.shuffle,
+        "task_order": meta["task_order"],  # the order the tasks were run in
         "seed": cfg.seed,
         "device": meta["device"],
         "dtype": cfg.dtype,
@@ -479,8 +538,13 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
     if mismatched:
         head += " prompted task | prompted task done |"
         rule += " --- | ---: |"
+    extra = ""
+    if results.get("eval_subset"):
+        extra += f", subset {results['eval_subset']['label']}"
+    if results.get("test_augmentation"):
+        extra += ", test augmentation"
     lines = [f"**{title or results['env']}** ({label}, {results['episodes_per_task']} episodes "
-             f"per task)", "", head, rule]
+             f"per task{extra})", "", head, rule]
     for task, r in results["tasks"].items():
         row = (f"| {_task_label(task, r)} | {100 * r['success_rate']:.0f}% | "
                f"{r['mean_length']:.0f} | "

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from icrt.config import ModelConfig
 from icrt.models.backbones import build_backbone
+from icrt.models.backbones.llama import context_mask
 from icrt.models.backbones.pretrained import apply_lora
 from icrt.models.encoders.vision import ObservationEncoder
 from icrt.models.heads import build_head
@@ -51,6 +52,10 @@ class PolicySpec:
     use_delta_action: bool = False
     tasks: tuple[str, ...] = ()
     env: dict[str, Any] = field(default_factory=dict)  # the stores' simulator description
+    # sliding-window attention: each query step sees the prompt and the last N query steps
+    window: int | None = None
+    # False: trained without prompts (behaviour cloning, one trajectory per context)
+    in_context: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,13 +123,27 @@ class ICRTPolicy(nn.Module):
 
     # ------------------------------------------------------------------ training
 
+    def attention_mask(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The token mask of a training batch: sliding window over the query (the prompt
+        always visible) and, without prompts, each trajectory on its own; None for plain
+        causal attention."""
+        context = batch.get("context_id")
+        if self.spec.window is None and context is None:
+            return None
+        B, T = batch["prompt_mask"].shape
+        steps = torch.arange(T, device=batch["prompt_mask"].device).repeat_interleave(2)
+        prompt = batch["prompt_mask"].repeat_interleave(2, dim=1)
+        if context is not None:
+            context = context.repeat_interleave(2, dim=1)
+        return context_mask(steps[None].expand(B, -1), prompt, context, self.spec.window)
+
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Masked, weighted chunk loss over a batch of sequences (see icrt.data.sequence)."""
         states = self.state_tokens(batch, train_aug=self.training)  # (B, T, D)
         actions = self.action_tokens(batch["action"])  # (B, T, D)
         tokens = self.interleave(self.mark_prompt(states, batch["prompt_mask"]),
                                  self.mark_prompt(actions, batch["prompt_mask"]))
-        hidden = self.backbone(tokens)[:, 0::2]  # (B, T, D) features at the state tokens
+        hidden = self.backbone(tokens, mask=self.attention_mask(batch))[:, 0::2]  # (B, T, D)
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
         weight = torch.ones(B * T, device=hidden.device)

@@ -268,7 +268,9 @@ def _setup(cfg: DaggerConfig) -> _Setup:
     for task in tasks:
         _labeller(env_name, task)  # an expert for every task, able to label any state
     dataset_json = cfg.dataset_json or source.config.dataset_cfg.dataset_json
-    dataset = DatasetSpec.load(dataset_json)
+    # the inputs the checkpoint was trained on (its --dataset-cfg.input-sensors, if any)
+    dataset = DatasetSpec.for_run(dataclasses.replace(source.config.dataset_cfg,
+                                                      dataset_json=dataset_json))
     _check_failures(dataset)
     if dataset.task_ratios:
         raise UserError(f"'{dataset.path}' groups tasks (task_grouping), which DAgger rounds do "

@@ -79,6 +79,8 @@ def policy_spec(ds: SequenceDataset, cfg: ExperimentConfig) -> PolicySpec:
         use_delta_action=ds.codec.use_delta_action,
         tasks=tuple(ds.tasks),
         env=stores[0].env,
+        window=cfg.shared_cfg.sliding_window,
+        in_context=cfg.shared_cfg.prompt,
     )
 
 
@@ -232,13 +234,14 @@ def _build_data(run: _Run) -> None:
     split_file = run.run_dir / "split.json"
     vcfg = cfg.model_cfg.vision_encoder_cfg
     cached = vcfg.use_cached_features
-    data_spec = DatasetSpec.load(cfg.dataset_cfg.dataset_json)
+    data_spec = DatasetSpec.for_run(cfg.dataset_cfg)  # --dataset-cfg.input-sensors applied
     _log_delta_action(scfg, data_spec)
     if scfg.num_cameras is not None and scfg.num_cameras != len(data_spec.image_keys):
         raise UserError(
             f"--shared-cfg.num-cameras {scfg.num_cameras}, but dataset '{data_spec.path}' "
             f"lists {len(data_spec.image_keys)} camera key(s) {list(data_spec.image_keys)}; the "
-            f"policy takes its cameras from the dataset's image_keys.")
+            f"policy takes its cameras from the dataset's image_keys or "
+            f"--dataset-cfg.input-sensors.")
     if cfg.world_size is not None and cfg.world_size != info.world_size:
         raise UserError(f"--world-size {cfg.world_size}, but the launcher started "
                         f"{info.world_size} process(es).")

@@ -23,6 +23,11 @@ policy can rebuild it (PPO workers load new weights every update).
     h = dec(x_prompt)          # (1, P, D) -> (1, P, D) fp32, positions 0..P-1
     h = dec(x_step)            # (1, 2, D): positions P, P+1, attending to the cache
     dec.reset()                # forget the cached tokens (buffers kept)
+
+Sliding-window attention (a policy trained with ``--shared-cfg.sliding-window``): the caller
+passes each step's ``mask`` over the cached slots and drops the slots no later token will see
+with :meth:`compact`; rotary positions keep counting (``position``), so the cache stays small
+and every token is computed as in the full masked forward.
 """
 
 from __future__ import annotations
@@ -173,8 +178,8 @@ class Decoder:
     def __init__(self, backbone: LlamaBackbone, max_len: int, batch_size: int = 1,
                  dtype: str | torch.dtype = "float32", compile: bool = False) -> None:
         cfg = backbone.config
-        if not 1 <= max_len <= cfg.max_seq_len:
-            raise ValueError(f"Cache length {max_len} must be in [1, {cfg.max_seq_len}].")
+        if max_len < 1:
+            raise ValueError(f"Cache length {max_len} must be at least 1.")
         self.backbone = backbone
         self.weight_dtype = weight_dtype_name(dtype)
         self.dtype = activation_dtype(self.weight_dtype)
@@ -186,11 +191,12 @@ class Decoder:
         self.norm = backbone.norm.weight.detach().to(self.dtype)
         p = next(backbone.parameters())
         self.device = p.device
-        self.rope = backbone._rope(p.device)[:max_len]  # (max_len, hd/2, 2) fp32
+        self.rope = backbone._rope(p.device, max_len)  # (>= max_len, hd/2, 2) fp32
         shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=p.device)
-        self.length = 0
+        self.length = 0  # filled cache slots
+        self.position = 0  # rotary position of the next token (> length after compact())
         self.packed = self.weight_dtype == "int8" and _int8pack_ok(p.device)
         self._step_fns = None
         if compile:
@@ -221,26 +227,43 @@ class Decoder:
 
     def reset(self) -> None:
         """Forget every cached token (the buffers are reused)."""
-        self.length = 0
+        self.length = self.position = 0
 
     def truncate(self, n: int) -> None:
-        if not 0 <= n <= self.length:
+        if not 0 <= n <= self.length or self.position != self.length:
             raise ValueError(f"Cannot truncate a cache of {self.length} tokens to {n}.")
+        self.length = self.position = n
+
+    def compact(self, keep: Tensor) -> None:
+        """Keep only the cached slots where ``keep`` (length,) is True, in order (sliding-window
+        eviction); the keys keep their rotary positions."""
+        if keep.shape != (self.length,):
+            raise ValueError(f"compact() needs one flag per cached slot ({self.length}).")
+        idx = keep.nonzero().flatten().to(self.k.device)
+        n = len(idx)
+        self.k[:, :, :, :n] = self.k[:, :, :, :self.length].index_select(3, idx)
+        self.v[:, :, :, :n] = self.v[:, :, :, :self.length].index_select(3, idx)
         self.length = n
 
     @torch.no_grad()
-    def __call__(self, x: Tensor) -> Tensor:
-        """x (B, T, D) -> final-normed features (B, T, D) fp32, at positions length..+T-1."""
+    def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x (B, T, D) -> final-normed features (B, T, D) fp32, at positions
+        position..position+T-1. ``mask`` (T, length + T) bool: which cached slots and new
+        tokens each new token sees (default: all cached ones, the new ones causally)."""
         B, T, D = x.shape
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}.")
         if B != self.k.shape[1]:
             raise ValueError(f"Batch size {B} does not match the decoder's {self.k.shape[1]}.")
+        if mask is not None and mask.shape != (T, end):
+            raise ValueError(f"Mask of shape {tuple(mask.shape)}; expected {(T, end)}.")
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        rope = self.rope[start:end]
-        mask = None
-        if start > 0 and T > 1:  # queries at start..end-1 see keys 0..their own position
+        p0 = self.position
+        if p0 + T > self.rope.shape[0]:  # decoding past max_seq_len (windowed attention)
+            self.rope = self.backbone._rope(self.device, 2 * (p0 + T))
+        rope = self.rope[p0:p0 + T]
+        if mask is None and start > 0 and T > 1:  # queries see keys 0..their own slot
             idx = torch.arange(end, device=x.device)
             mask = idx[None, :] <= idx[start:, None]  # (T, S)
         block_in, block_out = (self._step_fns if self._step_fns is not None and T <= 2
@@ -262,4 +285,5 @@ class Decoder:
                           b.ffn_norm, b.w13.w, b.w13.scale, b.w2.w, b.w2.scale, self.eps,
                           self.packed)
         self.length = end
+        self.position = p0 + T
         return F.rms_norm(h, (D,), self.norm, self.eps).float().view(B, T, D)

@@ -460,8 +460,12 @@ class LlamaBackbone(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def _rope(self, device: torch.device) -> Tensor:
-        """The rotary table on ``device`` (moved once, like Meta's ``freqs_cis``)."""
+    def _rope(self, device: torch.device, length: int = 0) -> Tensor:
+        """The rotary table on ``device`` (moved once, like Meta's ``freqs_cis``), extended to
+        at least ``length`` positions (windowed attention decodes past max_seq_len)."""
+        if length > self._rope_table.shape[0]:
+            longer = dataclasses.replace(self.config, max_seq_len=length)
+            self._rope_table = precompute_rope(longer)
         if self._rope_table.device != device:
             self._rope_table = self._rope_table.to(device)
         return self._rope_table
@@ -492,7 +496,7 @@ class LlamaBackbone(nn.Module):
         )
 
     def forward(self, x: Tensor, cache: KVCache | None = None,
-                valid: Tensor | None = None) -> Tensor:
+                valid: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x (B, T, D) -> (B, T, D).
 
         Without a cache the tokens get positions 0..T-1. With one they continue it: positions
@@ -502,6 +506,10 @@ class LlamaBackbone(nn.Module):
         ``valid`` (B, T) bool (with a cache) marks padding tokens of a ragged batch: each row's
         real tokens get consecutive positions after that row's cached ones and attend only to
         that row's real tokens; a padding token's output is meaningless.
+
+        ``mask`` (B, T, T) bool (without a cache) restricts which earlier tokens each token
+        sees (windowed attention, see :func:`context_mask`); positions stay 0..T-1 and may
+        pass max_seq_len, since a window bounds how far apart attending tokens are.
         """
         B, T, _ = x.shape
         start = 0 if cache is None else cache.length
@@ -510,6 +518,14 @@ class LlamaBackbone(nn.Module):
             raise ValueError("Padding tokens (valid=...) need a KV cache.")
         if valid is None and cache is not None and cache.ragged:
             valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if mask is not None:
+            if cache is not None or valid is not None:
+                raise ValueError("An attention mask is for a forward without a KV cache.")
+            if mask.shape != (B, T, T):
+                raise ValueError(f"Attention mask of shape {tuple(mask.shape)}; expected "
+                                 f"{(B, T, T)}.")
+            rope = self._rope(x.device, T)[:T]
+            return self._layers(x, rope, None, mask[:, None])
         if valid is None and end > self.config.max_seq_len:
             raise ValueError(
                 f"Sequence reaches position {end} but max_seq_len is {self.config.max_seq_len}."
@@ -536,13 +552,40 @@ class LlamaBackbone(nn.Module):
             # a padding query sees only itself, so no row of the softmax is empty
             mask = (causal & keys[:, None, :]) | (idx[None, :] == idx[start:, None])
             mask = mask[:, None]  # (B, 1, T, S)
-        h = x
+        h = self._layers(x, rope, cache, mask)
+        if cache is not None:
+            cache.advance(T, valid)
+        return h
+
+    def _layers(self, h: Tensor, rope: Tensor, cache: KVCache | None, mask: Tensor | None
+                ) -> Tensor:
         use_ckpt = self.gradient_checkpointing and self.training and cache is None
         for layer in self.layers:
             if use_ckpt and torch.is_grad_enabled():
-                h = checkpoint(layer, h, rope, use_reentrant=False)
+                h = checkpoint(layer, h, rope, None, mask, use_reentrant=False)
             else:
                 h = layer(h, rope, cache, mask)
-        if cache is not None:
-            cache.advance(T, valid)
         return self.norm(h)
+
+
+def context_mask(steps: Tensor, prompt: Tensor, context: Tensor | None = None,
+                 window: int | None = None) -> Tensor | None:
+    """Which earlier tokens each token sees, (B, T, T) bool, or None for plain causal.
+
+    ``steps`` (B, T) is each token's timestep, ``prompt`` (B, T) marks prompt tokens,
+    ``context`` (B, T) optional ids: tokens see only tokens with the same id (behaviour
+    cloning: each trajectory on its own). With ``window`` N a token of step t sees every
+    earlier prompt token but only the query tokens of steps t-N+1..t (sliding-window
+    attention over the query; the prompt stays in context).
+    """
+    if window is None and context is None:
+        return None
+    T = steps.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=steps.device).tril()
+    mask = causal[None].expand(steps.shape[0], T, T)
+    if context is not None:
+        mask = mask & (context[:, :, None] == context[:, None, :])
+    if window is not None:
+        near = (steps[:, :, None] - steps[:, None, :]) < window
+        mask = mask & (near | prompt[:, None, :])
+    return mask

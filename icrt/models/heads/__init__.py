@@ -9,6 +9,7 @@ from __future__ import annotations
 from icrt.config import PolicyConfig
 from icrt.errors import UserError
 from icrt.models.heads.base import ActionHead
+from icrt.models.heads.cvae import CVAEHead
 from icrt.models.heads.diffusion import DiffusionHead
 from icrt.models.heads.flow import FlowHead
 from icrt.models.heads.gmm import GMMHead
@@ -19,6 +20,7 @@ HEADS: dict[str, type[ActionHead]] = {
     "gmm": GMMHead,
     "diffusion": DiffusionHead,
     "flow": FlowHead,
+    "cvae": CVAEHead,
 }
 
 
@@ -33,6 +35,7 @@ def build_head(cfg: PolicyConfig, d_model: int, action_dim: int, num_pred_steps:
 __all__ = [
     "HEADS",
     "ActionHead",
+    "CVAEHead",
     "DiffusionHead",
     "FlowHead",
     "GMMHead",
