@@ -51,7 +51,8 @@ def test_flags_override_a_preset_one_by_one(tmp_path):
     other = parse_config(["--load-config", str(tmp_path / "config.json"), "--preset",
                           "icrt-mini", "--shared-cfg.seq-length", "64"])
     assert other.model_cfg.policy_cfg.decoder_pred_head == "mlp"
-    assert other.shared_cfg.prompt and other.shared_cfg.sliding_window is None and other.shared_cfg.seq_length == 64
+    assert other.shared_cfg.prompt and other.shared_cfg.sliding_window is None
+    assert other.shared_cfg.seq_length == 64
 
 
 def test_help_lists_presets_and_unknown_names_are_one_sentence(capsys):
