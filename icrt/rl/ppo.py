@@ -748,6 +748,9 @@ def finetune(cfg: PPOConfig, progress: bool = True) -> dict[str, Any]:
     if problem:
         raise UserError(f"Checkpoint '{ckpt.path}' is damaged ({problem}).")
     model, ckpt = load_policy(ckpt.path)
+    if model.spec.window is not None:
+        raise UserError(f"Checkpoint '{ckpt.path}' uses a sliding window; PPO fine-tuning "
+                        f"recomputes whole contexts and supports unwindowed policies only.")
     ChunkDistribution(model.head, cfg.init_log_std, False, f"checkpoint '{ckpt.path}'")
     plan = _plan(cfg, ckpt)
     run_dir = check_output_dir(cfg.output_dir, "--output-dir")
