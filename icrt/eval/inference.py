@@ -51,6 +51,7 @@ import torch
 from icrt.data.codec import Codec
 from icrt.errors import UserError
 from icrt.models.backbones.decode import Decoder, activation_dtype, weight_dtype_name
+from icrt.models.backbones.llama import context_mask
 from icrt.models.policy import ICRTPolicy
 from icrt.train.checkpoint import Checkpoint, load_policy
 
@@ -261,7 +262,7 @@ class InContextPolicy:
             mask = None
             if self.window is not None:
                 idx = torch.arange(self._offset, len(self._tokens))
-                mask = self._window_mask(idx, idx)
+                mask = self._window_mask(idx, len(idx))
             if self.weight_dtype == "float32":  # the training backbone itself
                 return self.model.backbone(x, mask=None if mask is None else mask[None])[0, -1]
             decoder = self._fresh_decoder()
@@ -271,13 +272,13 @@ class InContextPolicy:
             return decoder(x, mask=mask)[0, -1]
         return self._forward_pending()
 
-    def _window_mask(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """(Q, K) bool: which tokens (indices into the episode's tokens) each query token
-        sees under the sliding window: earlier prompt tokens, and query tokens of the last
-        ``window`` steps (a step is a state token and its action token)."""
-        n_prompt = len(self._prompt_tokens)
-        near = (queries[:, None] // 2 - keys[None, :] // 2) < self.window
-        return (keys[None, :] <= queries[:, None]) & ((keys[None, :] < n_prompt) | near)
+    def _window_mask(self, tokens: torch.Tensor, n_queries: int) -> torch.Tensor:
+        """(n_queries, K) bool: what the last ``n_queries`` of ``tokens`` (ascending indices
+        into the episode's tokens, K of them) see under the training mask (``context_mask``;
+        a step is a state token and its action token)."""
+        prompt = tokens < len(self._prompt_tokens)
+        mask = context_mask((tokens // 2)[None], prompt[None], window=self.window)[0]
+        return mask[len(tokens) - n_queries:]
 
     def _forward_pending(self) -> torch.Tensor | None:
         if self.window is not None:
@@ -299,7 +300,7 @@ class InContextPolicy:
             return None
         new = torch.arange(start, len(self._tokens))
         keys = torch.cat([self._slots, new])
-        mask = self._window_mask(new, keys).to(decoder.device)
+        mask = self._window_mask(keys, len(new)).to(decoder.device)
         h = decoder(torch.stack(self._tokens[start:])[None], mask=mask)[0, -1]
         # the next token (this step's action) has this step; it sees steps > step - window
         step = (len(self._tokens) - 1) // 2
