@@ -73,6 +73,10 @@ class DatasetConfig:
     num_repeat_traj: int = 1
     # Swap neighbouring trajectories with probability 0.5 after repeating.
     shuffle_repeat_traj: bool = True
+    # Fraction of training windows that show no prompt: the window is moved back to the start
+    # of its first trajectory, and every step is a query step (supervised also under
+    # --model-cfg.policy-cfg.no-prompt-loss), so the policy also learns to act without one.
+    prompt_dropout: float = 0.0
     # First N steps of each query trajectory get --model-cfg.policy-cfg.step-weight
     # (N < 1 is a fraction of the trajectory).
     num_weighted_steps: float = 30
@@ -89,6 +93,11 @@ class DatasetConfig:
     image_cache_gb: float = 4.0
     # Normalisation of low-dim observations with the store's statistics.
     proprio_norm: Norm = "mean_std"
+    # Floor on the spread (std, or half-range for min_max/q01_q99) that normalises each low-dim
+    # observation dimension: a dimension that barely varies in the demonstrations (a resting
+    # object's tilt) is otherwise magnified into a huge input once it moves when acting.
+    # Dimensions constant in the data are only centred.
+    proprio_min_spread: float = 0.01
     # Normalisation of actions with the store's statistics (min_max maps to [-1, 1]).
     action_norm: Norm = "min_max"
 
@@ -108,6 +117,9 @@ class DatasetConfig:
         _positive(self.image_cache_gb, p + "image-cache-gb", allow_zero=True)
         _positive(self.min_episode_length, p + "min-episode-length", allow_zero=True)
         _positive(self.min_demos, p + "min-demos")
+        _positive(self.proprio_min_spread, p + "proprio-min-spread", allow_zero=True)
+        if not 0 <= self.prompt_dropout <= 1:
+            raise ValueError(f"{p}prompt-dropout must be in [0, 1] (got {self.prompt_dropout}).")
         if self.max_episode_length is not None:
             _positive(self.max_episode_length, p + "max-episode-length")
             if self.max_episode_length < self.min_episode_length:

@@ -490,3 +490,57 @@ def test_icrt_episode_filters_min_demos_and_task_grouping(tmp_path, caplog):
     (tmp_path / "grouping.json").write_text(json.dumps({"groups": {}}))
     with pytest.raises(UserError, match="task_grouping file .* is unreadable"):
         DatasetSpec.load(path)
+
+
+def test_min_spread_floor_keeps_nearly_constant_inputs_small():
+    """A dimension that barely moves in the data (a resting object's tilt) is scaled by at most
+    1/min_spread, constant ones only centred, and checkpoints written without the field load
+    with the old rule."""
+    stats = {"proprio": {"mean": np.zeros(3, np.float32),
+                         "std": np.array([1e-4, 0.5, 0.0], np.float32)}}
+    x = np.array([[0.01, 0.5, 0.01]], np.float32)  # the tilt moved 100 stds at test time
+    floored = Normalizer(stats=stats, modes={"proprio": "mean_std"},
+                         min_spread={"proprio": 0.01})
+    np.testing.assert_allclose(floored.normalize("proprio", x), [[1.0, 1.0, 0.01]], rtol=1e-5)
+    restored = Normalizer.from_dict(json.loads(floored.to_json()))
+    np.testing.assert_allclose(restored.normalize("proprio", x), [[1.0, 1.0, 0.01]], rtol=1e-5)
+    old = floored.to_dict()
+    del old["min_spread"]  # a checkpoint from before the floor existed
+    np.testing.assert_allclose(Normalizer.from_dict(old).normalize("proprio", x),
+                               [[100.0, 1.0, 0.01]], rtol=1e-4)
+
+
+def test_min_spread_reaches_the_dataset_normaliser(tmp_path):
+    _make_store(tmp_path / "s.zarr")
+    path = tmp_path / "d.json"
+    write_dataset_json(path, stores=[tmp_path / "s.zarr"], proprio_keys=["state"],
+                       action_keys=["action"], train_split=1.0)
+    d, s = _cfgs(path)
+    ds = SequenceDataset(dataclasses.replace(d, proprio_norm="mean_std", proprio_min_spread=50.0), s)
+    std = ds.normalizer.stats["proprio"]["std"]
+    np.testing.assert_allclose(ds.normalizer.scale("proprio"), 1.0 / np.maximum(std, 50.0))
+    with pytest.raises(ValueError, match="proprio-min-spread"):
+        dataclasses.replace(d, proprio_min_spread=-1.0)
+
+
+def test_prompt_dropout_windows_start_at_a_trajectory_and_have_no_prompt(dataset_json):
+    def items(p):
+        ds = SequenceDataset(*_cfgs(dataset_json, seq_length=16, prompt_dropout=p), split="train")
+        ds.set_epoch(0)
+        return [ds[i] for i in range(len(ds))]
+
+    dropped = items(1.0)
+    for it in dropped:
+        assert not it["prompt_mask"].any()
+        assert it["proprio"][0, 1] == 0 and it["episode_start"][0]  # a trajectory's first step
+        assert len(set(it["task"].tolist())) == 1  # the task barrier still holds
+    kept = items(0.0)
+    assert all(it["prompt_mask"].any() for it in kept)
+    assert any(it["proprio"][0, 1] > 0 for it in kept)
+    half = items(0.5)
+    share = np.mean([not it["prompt_mask"].any() for it in half])
+    assert 0.25 < share < 0.75
+    again = items(0.5)  # a pure function of (seed, epoch, index)
+    assert all(torch.equal(a["proprio"], b["proprio"]) for a, b in zip(half, again, strict=True))
+    with pytest.raises(ValueError, match="prompt-dropout"):
+        _cfgs(dataset_json, prompt_dropout=1.5)

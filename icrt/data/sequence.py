@@ -11,7 +11,8 @@ window start.
 Inside a window, one trajectory end is picked at random (not the first, if there are several):
 steps up to it are the *prompt*, steps after it the *query* (``prompt_mask``). Every step carries
 the chunk of its next ``num_pred_steps`` actions as target, padded past the episode end and
-marked invalid there (``action_mask``).
+marked invalid there (``action_mask``). With ``prompt_dropout`` a fraction of training windows
+start at a trajectory's first step and are all query (no prompt before the first trajectory).
 
 Each item is a dict of tensors (T = seq_length, K = num_pred_steps)::
 
@@ -370,7 +371,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         if self._delta is not None:
             stats["action_target"] = self._delta_stats(proprio_raw, action_raw)
             modes["action_target"] = self.cfg.action_norm
-        self.normalizer = self.codec.normalizer = Normalizer(stats=stats, modes=modes)
+        self.normalizer = self.codec.normalizer = Normalizer(
+            stats=stats, modes=modes, min_spread={"proprio": self.cfg.proprio_min_spread})
         self._proprio = self.codec.encode_proprio(proprio_raw)
         self._action = self.codec.encode_actions(action_raw)
         if self._delta is not None:
@@ -507,6 +509,13 @@ class SequenceDataset(torch.utils.data.Dataset):
         j = index if n_windows == self._len else index * n_windows // self._len
         s = int(plan.starts[j])
         T = self.seq_length
+        no_prompt = not self.shared.prompt
+        if (not no_prompt and self.cfg.prompt_dropout > 0 and self.split == "train"
+                and np.random.default_rng([self.seed, self.epoch, index, 2]).random()
+                < self.cfg.prompt_dropout):
+            # prompt dropout: start at the first trajectory's first step, nothing before it
+            s = int(plan.occ_start[np.searchsorted(plan.occ_end, s, side="right")])
+            no_prompt = True
         pos = np.arange(s, s + T)
         occ = np.searchsorted(plan.occ_end, pos, side="right")  # (T,)
         ep = plan.occ_episode[occ]
@@ -527,7 +536,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         else:
             chunk = self._action[chunk_rows]  # (T, K, A)
 
-        if not self.shared.prompt:  # behaviour cloning: no prompt, trajectories apart
+        if no_prompt:  # behaviour cloning or prompt dropout: every step is a query step
             prompt_mask = np.zeros(T, bool)
             n = self.cfg.num_weighted_steps
             weighted = t < (n if n >= 1 else n * length)

@@ -186,11 +186,14 @@ class Normalizer:
     """Affine per-dimension normalisation of batch keys (``proprio``, ``action``).
 
     mean_std: (x - mean) / std;  min_max and q01_q99: map [lo, hi] to [-1, 1];  none: identity.
-    Dimensions with (near) zero spread are centred but not scaled.
+    Dimensions with (near) zero spread are centred but not scaled. ``min_spread`` (per key) is a
+    floor on the spread of the others: a dimension that barely moves in the data (the tilt of an
+    object resting in a bin) is then not magnified into a huge input when it moves at test time.
     """
 
     stats: dict[str, dict[str, np.ndarray]]
     modes: dict[str, str]
+    min_spread: dict[str, float] = field(default_factory=dict)
     _affine: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -206,7 +209,8 @@ class Normalizer:
                 centre, spread = np.zeros_like(s["mean"]), np.ones_like(s["mean"])
             else:
                 raise ValueError(f"unknown normalisation mode {mode!r}")
-            scale = np.where(spread > 1e-6, 1.0 / np.maximum(spread, 1e-6), 1.0)
+            floor = max(float(self.min_spread.get(key, 0.0)), 1e-6)
+            scale = np.where(spread > 1e-6, 1.0 / np.maximum(spread, floor), 1.0)
             self._affine[key] = (scale.astype(np.float32), centre.astype(np.float32))
 
     @property
@@ -229,16 +233,19 @@ class Normalizer:
         return (x / scale + centre).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "modes": dict(self.modes),
             "stats": {k: {n: v.tolist() for n, v in s.items()} for k, s in self.stats.items()},
         }
+        if self.min_spread:
+            out["min_spread"] = dict(self.min_spread)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalizer:
         stats = {k: {n: np.asarray(v, np.float32) for n, v in s.items()}
                  for k, s in d["stats"].items()}
-        return cls(stats=stats, modes=dict(d["modes"]))
+        return cls(stats=stats, modes=dict(d["modes"]), min_spread=dict(d.get("min_spread", {})))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
