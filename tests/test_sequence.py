@@ -516,7 +516,8 @@ def test_min_spread_reaches_the_dataset_normaliser(tmp_path):
     write_dataset_json(path, stores=[tmp_path / "s.zarr"], proprio_keys=["state"],
                        action_keys=["action"], train_split=1.0)
     d, s = _cfgs(path)
-    ds = SequenceDataset(dataclasses.replace(d, proprio_norm="mean_std", proprio_min_spread=50.0), s)
+    d = dataclasses.replace(d, proprio_norm="mean_std", proprio_min_spread=50.0)
+    ds = SequenceDataset(d, s)
     std = ds.normalizer.stats["proprio"]["std"]
     np.testing.assert_allclose(ds.normalizer.scale("proprio"), 1.0 / np.maximum(std, 50.0))
     with pytest.raises(ValueError, match="proprio-min-spread"):
