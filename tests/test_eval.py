@@ -77,6 +77,24 @@ def test_a_task_outside_training_is_marked_held_out(trained):
     assert "| push-v3 (held out) |" in table and "| +50 |" in table and "**+25.0**" in table
 
 
+def test_mismatched_prompts_in_metaworld_report_success_only(trained):
+    """Meta-World cannot judge another task's success: --prompt-tasks still runs, prompted by
+    the other task's demonstrations, with prompt following reported as unmeasured."""
+    root, run = trained
+    results = evaluate(_cfg(root, run, tasks=TASKS, prompt_tasks=TASKS[::-1],
+                            episodes_per_task=1), progress=False)
+    prompts = EpisodeStore.open(root / "mw_prompts.zarr")
+    for ep in results["episodes"]:
+        (_, index), = ep["prompts"]
+        other = TASKS[1 - TASKS.index(ep["task"])]
+        assert ep["prompt_task"] == other and prompts.episode_task_names[index] == other
+        assert ep["prompt_task_done"] is None and ep["tasks_done"] is None
+    reach = results["tasks"]["reach-v3"]
+    assert reach["prompt_task"] == TASKS[1] and reach["prompt_following_rate"] is None
+    assert results["mean_prompt_following_rate"] is None
+    assert f"| {TASKS[1]} | n/a |" in format_table(results)
+
+
 def test_prompts_never_come_from_the_training_split(trained):
     root, run = trained
     # prompting from the training store: only its validation episodes may be used

@@ -151,7 +151,9 @@ def _episode_result(job: _Episode, runner: EpisodeRunner, done: set[str] | None,
         "seconds": seconds,
         "prompts": [list(p) for p in job.prompts],
         "prompt_task": job.prompt_task,
-        "prompt_task_done": ep.watched if job.prompt_task is not None else None,
+        # null where the adapter cannot judge the prompted task (prompt following unmeasured)
+        "prompt_task_done": (ep.watched if job.prompt_task is not None and done is not None
+                             else None),
         "tasks_done": None if done is None else sorted(done),
         "video": job.video,
         # the episode's lighting per camera under test augmentation
@@ -349,10 +351,12 @@ def _prompted_tasks(cfg: EvalConfig, env_name: str, tasks: list[str],
     env = make_env(env_name, tasks[0], **env_kwargs)  # can it judge the prompted task?
     try:
         env.reset(0)
-        if not hasattr(env, "task_success"):
-            raise UserError(f"The {env_name} adapter cannot tell whether another task was done, "
-                            f"so --prompt-tasks cannot measure prompt following there.")
-        env.task_success(cfg.prompt_tasks[0])
+        if hasattr(env, "task_success") and hasattr(env, "tasks_done"):
+            env.task_success(cfg.prompt_tasks[0])
+        else:  # e.g. Meta-World: each task is its own scene; success alone still says something
+            log.warning("The %s adapter cannot tell whether another task was done: prompt "
+                        "following is not measured, only the evaluated task's success.",
+                        env_name)
     finally:
         env.close()
     return dict(zip(tasks, cfg.prompt_tasks, strict=True))
@@ -467,8 +471,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 np.mean([not e["tasks_done"] for e in eps]))
         if eps and eps[0]["prompt_task"] is not None:
             per_task[task]["prompt_task"] = eps[0]["prompt_task"]
-            per_task[task]["prompt_following_rate"] = float(
-                np.mean([e["prompt_task_done"] for e in eps]))
+            per_task[task]["prompt_following_rate"] = (
+                None if eps[0]["prompt_task_done"] is None
+                else float(np.mean([e["prompt_task_done"] for e in eps])))
     results = {
         "checkpoint": meta["checkpoint"],
         "env": meta["env"],
@@ -490,7 +495,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "mean_success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "mean_prompt_following_rate": (
             float(np.mean([t["prompt_following_rate"] for t in per_task.values()]))
-            if cfg.prompt_tasks else None),
+            if cfg.prompt_tasks and all(t.get("prompt_following_rate") is not None
+                                        for t in per_task.values()) else None),
         "wall_seconds": time.perf_counter() - t0,
         "config": asdict(cfg),
         "episodes": episodes,
@@ -528,7 +534,7 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
     """Markdown table of per-task success (and the mean); with mismatched prompts also the
     prompted task and how often it was done instead."""
     label = "no prompt" if results.get("no_prompt") else f"{results['num_prompts']} prompt(s)"
-    mismatched = results.get("mean_prompt_following_rate") is not None
+    mismatched = any("prompt_task" in r for r in results["tasks"].values())
     outcomes = all("other_task_rate" in r for r in results["tasks"].values())
     head = "| task | success | mean length | mean return |"
     rule = "| --- | ---: | ---: | ---: |"
@@ -552,13 +558,15 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
         if outcomes:
             row += f" {100 * r['other_task_rate']:.0f}% | {100 * r['nothing_done_rate']:.0f}% |"
         if mismatched:
-            row += f" {r['prompt_task']} | {100 * r['prompt_following_rate']:.0f}% |"
+            rate = r.get("prompt_following_rate")
+            row += f" {r['prompt_task']} | {'n/a' if rate is None else f'{100 * rate:.0f}%'} |"
         lines.append(row)
     mean = f"| **mean** | **{100 * results['mean_success_rate']:.1f}%** | | |"
     if outcomes:
         mean += " | |"
     if mismatched:
-        mean += f" | **{100 * results['mean_prompt_following_rate']:.1f}%** |"
+        rate = results.get("mean_prompt_following_rate")
+        mean += " | |" if rate is None else f" | **{100 * rate:.1f}%** |"
     lines.append(mean)
     return "\n".join(lines)
 
