@@ -93,6 +93,15 @@ def test_mismatched_prompts_in_metaworld_report_success_only(trained):
     assert reach["prompt_task"] == TASKS[1] and reach["prompt_following_rate"] is None
     assert results["mean_prompt_following_rate"] is None
     assert f"| {TASKS[1]} | n/a |" in format_table(results)
+    # a task prompted by itself among mismatched ones: its success is its prompt following
+    mixed = evaluate(_cfg(root, run, tasks=TASKS, prompt_tasks=(TASKS[0], TASKS[0]),
+                          episodes_per_task=1), progress=False)
+    reach, button = mixed["tasks"][TASKS[0]], mixed["tasks"][TASKS[1]]
+    assert reach["prompt_task"] == TASKS[0]
+    assert reach["prompt_following_rate"] == reach["success_rate"]
+    assert button["prompt_task"] == TASKS[0] and button["prompt_following_rate"] is None
+    assert mixed["mean_prompt_following_rate"] is None
+    assert f"| {TASKS[0]} | n/a |" in format_table(mixed)
 
 
 def test_prompts_never_come_from_the_training_split(trained):

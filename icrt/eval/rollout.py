@@ -469,11 +469,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 np.mean([bool(set(e["tasks_done"]) - {task}) for e in eps]))
             per_task[task]["nothing_done_rate"] = float(
                 np.mean([not e["tasks_done"] for e in eps]))
-        if eps and eps[0]["prompt_task"] is not None:
-            per_task[task]["prompt_task"] = eps[0]["prompt_task"]
+        if eps and cfg.prompt_tasks:
+            # a task --prompt-tasks prompts with itself follows its prompt when it succeeds;
+            # null where the simulator cannot judge another task (Meta-World)
+            done_prompted = [e["success"] if e["prompt_task"] is None else e["prompt_task_done"]
+                             for e in eps]
+            per_task[task]["prompt_task"] = eps[0]["prompt_task"] or task
             per_task[task]["prompt_following_rate"] = (
-                None if eps[0]["prompt_task_done"] is None
-                else float(np.mean([e["prompt_task_done"] for e in eps])))
+                None if None in done_prompted else float(np.mean(done_prompted)))
     results = {
         "checkpoint": meta["checkpoint"],
         "env": meta["env"],
@@ -495,7 +498,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "mean_success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "mean_prompt_following_rate": (
             float(np.mean([t["prompt_following_rate"] for t in per_task.values()]))
-            if cfg.prompt_tasks and all(t.get("prompt_following_rate") is not None
+            if cfg.prompt_tasks and all(t["prompt_following_rate"] is not None
                                         for t in per_task.values()) else None),
         "wall_seconds": time.perf_counter() - t0,
         "config": asdict(cfg),
