@@ -425,18 +425,24 @@ class _HDF5Windows(torch.utils.data.Dataset):
         return {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
 
 
-def _loader_rate(dataset, workers: int, files: list, batch_size: int = 8) -> float:
-    """Samples/s of one pass over ``dataset`` through a DataLoader (workers started and files
-    opened in a first pass, the page cache dropped before the timed second pass)."""
+def _loader_rate(dataset, workers: int, files: list, batch_size: int = 8,
+                 collate_fn=None, repeats: int = 3) -> float:
+    """Samples/s over ``dataset`` through a DataLoader: the median of ``repeats`` timed passes,
+    each after the page cache was dropped (workers started and files opened in a first,
+    untimed pass). The machine's speed drifts by +-25% from second to second; the median of
+    several passes keeps one slow second from deciding a row."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None)
+        prefetch_factor=4 if workers else None, collate_fn=collate_fn)
     for _ in loader:
         pass
-    drop_page_cache(*files)
-    t0 = time.perf_counter()
-    n = sum(len(next(iter(b.values()))) for b in loader)
-    return n / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(repeats):
+        drop_page_cache(*files)
+        t0 = time.perf_counter()
+        n = sum(len(next(iter(b.values()))) for b in loader)
+        rates.append(n / (time.perf_counter() - t0))
+    return float(np.median(rates))
 
 
 def benchmark_data(
@@ -457,7 +463,7 @@ def benchmark_data(
     import h5py
 
     from icrt.config import DatasetConfig, SharedConfig
-    from icrt.data.sequence import SequenceDataset
+    from icrt.data.sequence import SequenceDataset, collate
     from icrt.data.spec import write_dataset_json
     from icrt.data.store import EpisodeStore
 
@@ -519,8 +525,10 @@ def benchmark_data(
              h5_files),
         ]
         for name, ds, w, files in part:
+            icrt = files is zarr_files  # as training loads it (icrt.data.sequence.collate)
             rows.append({"frames": kind, "loader": name,
-                         "samples_per_s": _loader_rate(ds, w, files),
+                         "samples_per_s": _loader_rate(ds, w, files,
+                                                       collate_fn=collate if icrt else None),
                          "disk_mb": size_mb(files[0])})
         base = rows[-2]["samples_per_s"]
         for r in rows[-len(part):]:

@@ -9,7 +9,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from icrt.config import DatasetConfig, SharedConfig
-from icrt.data.sequence import SequenceDataset
+from icrt.data.sequence import SequenceDataset, collate
 from icrt.data.spec import DatasetSpec, write_dataset_json
 from icrt.data.store import EpisodeStore
 from icrt.data.transforms import (
@@ -388,6 +388,38 @@ def test_frames_from_memory_equal_frames_from_store(dataset_json):
     assert in_memory._frames is not None and from_store._frames is None
     for i in range(0, len(in_memory), 9):
         assert torch.equal(in_memory[i]["image_cam"], from_store[i]["image_cam"])
+
+
+@pytest.mark.parametrize("cache_gb, threads, workers", [
+    (4.0, 1, 0), (0.0, 1, 0), (0.0, 3, 0), (0.0, 2, 1)],
+    ids=["in-memory", "out-of-core", "reader-threads", "loader-worker"])
+def test_batches_read_together_equal_windows_read_one_by_one(dataset_json, cache_gb, threads,
+                                                             workers):
+    ds = SequenceDataset(*_cfgs(dataset_json, image_cache_gb=cache_gb, read_threads=threads))
+    indices = list(range(0, len(ds), 2))[:12]
+    expected = [ds[i] for i in indices]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=4,
+                                         num_workers=workers, collate_fn=collate)
+    batches = list(loader)
+    assert len(batches) == 3
+    for b, batch in enumerate(batches):
+        assert set(batch) == set(expected[0])
+        for key, value in batch.items():
+            assert torch.equal(value, torch.stack([e[key] for e in expected[4 * b:4 * b + 4]])), key
+
+
+def test_collate_hands_on_the_frame_batch_without_a_copy(dataset_json):
+    ds = SequenceDataset(*_cfgs(dataset_json, image_cache_gb=0.0))
+    items = ds.__getitems__([0, 5, 9])
+    batch = collate(items)
+    assert batch["image_cam"].shape == (3, *items[0]["image_cam"].shape)
+    assert batch["image_cam"].data_ptr() == items[0]["image_cam"].data_ptr()
+    assert batch["proprio"].data_ptr() != items[0]["proprio"].data_ptr()  # stacked
+    # rows of one tensor out of order, or not all of it, are stacked like default_collate
+    whole = torch.arange(12.0).view(3, 4)
+    for rows in ([whole[1], whole[0], whole[2]], [whole[0], whole[1]]):
+        got = collate([{"x": r} for r in rows])["x"]
+        assert torch.equal(got, torch.stack(rows)) and got.data_ptr() != whole.data_ptr()
 
 
 def test_dagger_store_keeps_successes_and_supervises_only_corrected_steps(tmp_path, caplog):

@@ -231,13 +231,21 @@ def test_write_key_adds_a_column(tmp_path):
         store.add_episode(_episode(5, 3), task="a")
 
 
-def _frames_store(path, episodes=6, length=70, size=24):
+def _smooth_frames(rng, length, size):
+    """Frames lz4 shrinks well (a few colour levels, as rendered scenes have)."""
+    level = rng.integers(0, 4, size=(length, 1, 1, 3)) * 60
+    x = np.arange(size)[None, :, None, None] // 8 * 20
+    return np.broadcast_to(level + x, (length, size, size, 3)).astype(np.uint8).copy()
+
+
+def _frames_store(path, episodes=6, length=70, size=24, smooth=False):
     store = EpisodeStore.create(path)
     rng = np.random.default_rng(0)
     eps = []
     for _ in range(episodes):
         ep = {"action": rng.normal(size=(length, 2)).astype(np.float32),
-              "image_cam": rng.integers(0, 255, size=(length, size, size, 3), dtype=np.uint8)}
+              "image_cam": (_smooth_frames(rng, length, size) if smooth else
+                            rng.integers(0, 255, size=(length, size, size, 3), dtype=np.uint8))}
         ep["image_cam"][:20] = 0  # all-zero chunks are stored, not left empty
         store.add_episode(ep, task="t")
         eps.append(ep)
@@ -282,15 +290,80 @@ def test_direct_reads_of_an_unsharded_store(tmp_path):
     assert store._readers["image_cam"] is not None
 
 
+@pytest.mark.parametrize("smooth, codec", [(True, "lz4"), (False, "raw")])
+def test_frames_are_lz4_blocks_when_that_halves_them_else_stored_as_they_are(
+        tmp_path, smooth, codec):
+    path = tmp_path / "s.zarr"
+    eps = _frames_store(path, smooth=smooth)
+    frames = np.concatenate([ep["image_cam"] for ep in eps])
+    store = EpisodeStore.open(path)
+    inner = [type(c).__name__ for c in store.array("image_cam").metadata.codecs[0].codecs]
+    assert inner == (["BytesCodec", "LZ4", "Crc32cCodec"] if codec == "lz4"
+                     else ["BytesCodec", "Crc32cCodec"])
+    assert store.reader("image_cam").codec == codec
+    rng = np.random.default_rng(2)
+    for _ in range(40):  # direct reads (partial chunks, several chunks, shard borders) = zarr's
+        a = int(rng.integers(0, store.num_steps))
+        b = int(rng.integers(a, min(store.num_steps, a + 150) + 1))
+        assert np.array_equal(store.read("image_cam", a, b), frames[a:b]), (a, b)
+        assert np.array_equal(np.asarray(store.array("image_cam")[a:b]), frames[a:b])
+    out = np.empty((50, *frames.shape[1:]), np.uint8)
+    store.read("image_cam", 10, 60, out=out)
+    assert np.array_equal(out, frames[10:60])
+
+
+def test_reads_stay_right_while_another_handle_appends(tmp_path):
+    """Shard indexes and open files are kept only for shards that appending cannot rewrite."""
+    path = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, size=(2000, 24, 24, 3), dtype=np.uint8) for _ in range(4)]
+    with EpisodeStore.create(path) as store:
+        for f in frames[:3]:
+            store.add_episode({"image_cam": f, "action": np.zeros((2000, 1), np.float32)},
+                              task="t")
+    reader = EpisodeStore.open(path)
+    shard = int(reader.array("image_cam").shards[0])
+    assert shard < 6000 < 2 * shard  # one complete shard, one growing
+    expected = np.concatenate(frames[:3])
+    assert np.array_equal(reader.read("image_cam", 0, 6000), expected)
+    assert set(reader.reader("image_cam")._indexes) == {0}
+    with EpisodeStore.open(path, mode="a") as writer:
+        writer.add_episode({"image_cam": frames[3], "action": np.zeros((2000, 1), np.float32)},
+                           task="t")
+    for a, b in ((shard - 30, 6000), (5000, 6000), (0, 100)):
+        assert np.array_equal(reader.read("image_cam", a, b), expected[a:b])
+    fresh = EpisodeStore.open(path)
+    assert np.array_equal(fresh.read("image_cam", 5900, 6100),
+                          np.concatenate(frames)[5900:6100])
+
+
+def test_prefetch_is_a_hint_and_damage_is_still_reported_by_the_read(tmp_path):
+    path = tmp_path / "s.zarr"
+    _frames_store(path)
+    store = EpisodeStore.open(path)
+    store.prefetch("image_cam", 0, 100)  # fine
+    store.prefetch("action", 0, 100)  # low-dim keys: nothing to do
+    store = EpisodeStore.open(path)
+    for f in (path / "data/image_cam/c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    store.prefetch("image_cam", 0, 100)  # missing files: no error from a hint
+    with pytest.raises(UserError, match=r"damaged: 'data/image_cam' does not decode at "
+                                        r"episodes 0-1 \(chunk file 'c/0/0/0/0' is missing"):
+        store.read("image_cam", 0, 100)
+
+
+@pytest.mark.parametrize("smooth", [True, False], ids=["lz4", "raw"])
 @pytest.mark.parametrize("damage, message", [
     ("truncate", r"does not decode at episodes? [0-9-]+ \(.*truncated"),
     ("flip", r"does not decode at episodes? [0-9-]+ \(.*does not decode"),
     ("empty", r"does not decode at episodes? [0-9-]+ \(inner chunk .* is empty"),
     ("index", r"does not decode at episodes? [0-9-]+ \(the shard index .* is corrupted"),
 ])
-def test_damaged_shard_is_one_sentence_naming_key_and_episodes(tmp_path, damage, message):
+def test_damaged_shard_is_one_sentence_naming_key_and_episodes(tmp_path, damage, message,
+                                                                smooth):
     path = tmp_path / "s.zarr"
-    _frames_store(path)
+    _frames_store(path, smooth=smooth)
     shard = path / "data/image_cam/c/0/0/0/0"
     data = bytearray(shard.read_bytes())
     store = EpisodeStore.open(path)

@@ -498,9 +498,62 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_stores"] = None  # zarr handles are reopened by each worker
+        state["_pool"] = state["_pool_pid"] = None  # and so are reader threads
         return state
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self._sample(index)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch of windows (what a DataLoader asks for). The frames of every window are
+        read straight into one (B, T, ...) tensor per key, which :func:`collate` hands on
+        without stacking (a copy of every frame saved); read out of core with
+        ``--dataset-cfg.read-threads`` > 1, the windows' chunk reads run in threads."""
+        jobs: list | None = [] if self._frames is None else None
+        batch = {key: self._batch_buffer(key, len(indices)) for key in self._frame_keys.values()}
+        items = [self._sample(int(i), jobs, {k: v[j] for k, v in batch.items()})
+                 for j, i in enumerate(indices)]
+        pool = self._read_pool() if jobs else None
+        if pool is None:
+            for job in jobs or ():
+                job()
+        else:
+            for future in [pool.submit(job) for job in jobs]:
+                future.result()
+        return items
+
+    def _batch_buffer(self, key: str, n: int) -> torch.Tensor:
+        """An uninitialised (n, T, ...) frame tensor; in a DataLoader worker in shared memory,
+        so that handing the batch to the training process copies nothing."""
+        if self._frames is not None:
+            rows = self._frames[key][0]
+            row_shape, dtype = rows.shape[1:], rows.dtype
+        else:
+            info = self._store(0).key_info(key)
+            row_shape, dtype = tuple(info["shape"]), np.dtype(info["dtype"])
+        shape = (n, self.seq_length, *row_shape)
+        dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        if torch.utils.data.get_worker_info() is None:
+            return torch.empty(shape, dtype=dtype)
+        elem = torch.empty(0, dtype=dtype)  # as default_collate allocates in a worker
+        return elem.new(elem._typed_storage()._new_shared(int(np.prod(shape)))).view(shape)
+
+    def _read_pool(self):
+        """This process's reader threads (made after a DataLoader worker starts), or None."""
+        n = self.cfg.read_threads
+        if n <= 1:
+            return None
+        if getattr(self, "_pool_pid", None) != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="icrt-read")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _sample(self, index: int, jobs: list | None = None,
+                frames: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Window ``index``. Its frames go into ``frames`` (per key a (T, ...) tensor) when
+        given, and are read by ``jobs`` (appended, to run later in any thread) when given."""
         if not 0 <= index < self._len:
             raise IndexError(index)
         plan = self._plan(self.epoch)
@@ -557,7 +610,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         if not self.shared.prompt:  # each trajectory occurrence attends only to itself
             item["context_id"] = torch.from_numpy(occ - occ[0])
         for key in self._frame_keys.values():
-            item[key] = torch.from_numpy(self._read_frames(key, occ, ep, t))
+            out = frames[key] if frames is not None else None
+            rows = self._read_frames(key, occ, ep, t, jobs,
+                                     None if out is None else out.numpy())
+            item[key] = out if out is not None else torch.from_numpy(rows)
         return item
 
     def _prompt_mask(self, eos: np.ndarray, rng: np.random.Generator):
@@ -595,10 +651,10 @@ class SequenceDataset(torch.utils.data.Dataset):
             return None
         return {k: [s.load(k) for s in stores] for k in keys}
 
-    def _read_frames(self, key: str, occ: np.ndarray, ep: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _read_frames(self, key: str, occ: np.ndarray, ep: np.ndarray, t: np.ndarray,
+                     jobs: list | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Frames of the window, read as one contiguous slice per trajectory occurrence
-        straight into the window's array."""
-        out = None
+        straight into ``out`` (or a new array); out of core now, or by ``jobs`` if given."""
         change = np.flatnonzero(np.diff(occ)) + 1
         for a, b in zip([0, *change], [*change, len(occ)], strict=True):
             e = int(ep[a])
@@ -615,5 +671,41 @@ class SequenceDataset(torch.utils.data.Dataset):
                 if out is None:
                     info = store.key_info(key)
                     out = np.empty((len(occ), *info["shape"]), info["dtype"])
-                store.read(key, start, stop, out=out[a:b])
+                if jobs is None:
+                    store.read(key, start, stop, out=out[a:b])
+                else:  # the disk starts on every window of the batch before any is read
+                    store.prefetch(key, start, stop)
+                    jobs.append(lambda s=store, o=out[a:b], r=(start, stop): s.read(key, *r,
+                                                                                   out=o))
         return out
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``default_collate`` for windows, except that a key whose tensors are already the
+    consecutive rows of one batch tensor (the frames :meth:`SequenceDataset.__getitems__`
+    reads) is returned as that tensor instead of stacked into a copy."""
+    from torch.utils.data import default_collate
+
+    out = {}
+    for key in items[0]:
+        rows = [item[key] for item in items]
+        whole = _rows_of_one_tensor(rows)
+        out[key] = whole if whole is not None else default_collate(rows)
+    return out
+
+
+def _rows_of_one_tensor(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (len(rows), ...) tensor whose storage holds exactly ``rows``, one after another,
+    or None."""
+    first = rows[0]
+    n = first.numel()
+    storage = first.untyped_storage()
+    if (not n or not first.is_contiguous()
+            or storage.nbytes() != len(rows) * n * first.element_size()):
+        return None
+    for i, t in enumerate(rows):
+        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != first.dtype
+                or t.shape != first.shape or not t.is_contiguous()
+                or t.storage_offset() != i * n):
+            return None
+    return first.as_strided((len(rows), *first.shape), (n, *first.stride()), 0)

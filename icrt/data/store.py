@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from numcodecs import LZ4 as _NumcodecsLZ4
 from zarr.codecs.numcodecs import LZ4
 
 from icrt.data.chunks import ChunkError, ChunkReader, chunk_reader
@@ -94,6 +95,12 @@ _COMPRESSOR = ZstdCodec(level=0, checksum=True)
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr",
                         category=UserWarning)
 _FRAME_COMPRESSORS = (LZ4(acceleration=1), Crc32cCodec())
+# Frames that lz4 cannot shrink to half (camera noise, float features) are stored as they are:
+# decoding them would cost more than the disk reads they save; an uncompressed window is one
+# read straight into the batch (icrt.data.chunks). Decided per array from its first rows.
+_FRAME_RAW = (Crc32cCodec(),)
+_RAW_ABOVE = 0.5
+_LZ4_PROBE = _NumcodecsLZ4(acceleration=1)
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 _RESERVED_ATTRS = {"complete_chunks", "store_id", "format", "version", "num_episodes", "keys", "arrays", "stats",
                    "stats_num_steps"}
@@ -518,9 +525,7 @@ class EpisodeStore:
         stop = min(stop, self.num_steps)
         arr = self.array(key)
         name = self._array_name(key)
-        if name not in self._readers:
-            self._readers[name] = chunk_reader(arr, self.path / "data" / name)
-        reader = self._readers[name]
+        reader = self.reader(key)
         if reader is None or stop - start > 4 * reader.file_rows:  # long reads: zarr's own
             rows = self._read_array(arr, f"data/{key}", start, stop)
             if out is None:
@@ -528,6 +533,20 @@ class EpisodeStore:
             out[...] = rows
             return out
         return self._read_direct(reader, f"data/{name}", start, stop, out)
+
+    def reader(self, key: str) -> ChunkReader | None:
+        """The direct chunk reader of ``data/<key>`` (made once; None where zarr reads it)."""
+        name = self._array_name(key)
+        if name not in self._readers:
+            self._readers[name] = chunk_reader(self.array(key), self.path / "data" / name)
+        return self._readers[name]
+
+    def prefetch(self, key: str, start: int, stop: int) -> None:
+        """Start reading rows ``start:stop`` of a frame or feature key from the disk in the
+        background (a hint; :meth:`read` still reads and checks them)."""
+        reader = self.reader(key)
+        if reader is not None:
+            reader.prefetch(start, min(stop, self.num_steps))
 
     def _read_direct(self, reader: ChunkReader, where: str, start: int, stop: int,
                      out: np.ndarray | None) -> np.ndarray:
@@ -677,9 +696,13 @@ class EpisodeStore:
             frame = max(1, int(np.prod(step_shape)) * value.dtype.itemsize)
             rows = 1 << max(0, min(_FRAME_CHUNK_ROWS, _FRAME_CHUNK_BYTES // frame).bit_length() - 1)
             shard = rows * max(1, _SHARD_BYTES // (rows * frame))
+            sample = np.ascontiguousarray(value[:_FRAME_CHUNK_ROWS])
+            packed = len(_LZ4_PROBE.encode(sample)) if sample.nbytes else 0
+            compressors = (_FRAME_RAW if packed > _RAW_ABOVE * sample.nbytes
+                           else _FRAME_COMPRESSORS)
             arr = self._root["data"].create_array(
                 name, shape=(0, *step_shape), dtype=value.dtype, chunks=(rows, *step_shape),
-                shards=(shard, *step_shape), compressors=_FRAME_COMPRESSORS,
+                shards=(shard, *step_shape), compressors=compressors,
                 config=_ARRAY_CONFIG,
             )
         else:

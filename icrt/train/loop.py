@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from icrt.config import ExperimentConfig, SharedConfig, save_config
 from icrt.data.codec import delta_from_data
-from icrt.data.sequence import SequenceDataset
+from icrt.data.sequence import SequenceDataset, collate
 from icrt.data.spec import DatasetSpec
 from icrt.errors import UserError
 from icrt.fsutil import check_output_dir
@@ -271,7 +271,8 @@ def _build_data(run: _Run) -> None:
                                      spec=data_spec, use_cached_features=cached)
             val_sampler = DistributedSampler(val_ds, info.world_size, info.rank, shuffle=False)
             run.val_loader = DataLoader(val_ds, batch_size=scfg.batch_size, sampler=val_sampler,
-                                        num_workers=tcfg.num_workers, pin_memory=_pin(run))
+                                        num_workers=tcfg.num_workers, pin_memory=_pin(run),
+                                        collate_fn=collate)
         except UserError as e:
             log.warning("no validation loss: %s", e)
 
@@ -487,7 +488,8 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     run.skip_batches = 0
     loader = DataLoader(run.train_ds, batch_size=scfg.batch_size,
                         sampler=_SkipSampler(run.sampler, skip * scfg.batch_size),
-                        num_workers=tcfg.num_workers, pin_memory=_pin(run), drop_last=True)
+                        num_workers=tcfg.num_workers, pin_memory=_pin(run), drop_last=True,
+                        collate_fn=collate)
     from tqdm import tqdm
 
     bar = tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=run.batches_per_epoch,
