@@ -92,8 +92,9 @@ class DatasetConfig:
     # larger datasets are read from the stores window by window.
     image_cache_gb: float = 4.0
     # Threads per loader process that read and decode the frames of a batch's windows at once
-    # when frames are read from the stores (1: one after another).
-    read_threads: int = 2
+    # when frames are read from the stores (1: one after another; 0: 2 in the training
+    # process, 1 in each DataLoader worker, which already run side by side).
+    read_threads: int = 0
     # Normalisation of low-dim observations with the store's statistics.
     proprio_norm: Norm = "mean_std"
     # Floor on the spread (std, or half-range for min_max/q01_q99) that normalises each low-dim
@@ -118,7 +119,7 @@ class DatasetConfig:
         _positive(self.action_noise, p + "action-noise", allow_zero=True)
         _positive(self.num_weighted_steps, p + "num-weighted-steps", allow_zero=True)
         _positive(self.image_cache_gb, p + "image-cache-gb", allow_zero=True)
-        _positive(self.read_threads, p + "read-threads")
+        _positive(self.read_threads, p + "read-threads", allow_zero=True)
         _positive(self.min_episode_length, p + "min-episode-length", allow_zero=True)
         _positive(self.min_demos, p + "min-demos")
         _positive(self.proprio_min_spread, p + "proprio-min-spread", allow_zero=True)

@@ -391,8 +391,8 @@ def test_frames_from_memory_equal_frames_from_store(dataset_json):
 
 
 @pytest.mark.parametrize("cache_gb, threads, workers", [
-    (4.0, 1, 0), (0.0, 1, 0), (0.0, 3, 0), (0.0, 2, 1)],
-    ids=["in-memory", "out-of-core", "reader-threads", "loader-worker"])
+    (4.0, 1, 0), (0.0, 1, 0), (0.0, 3, 0), (0.0, 0, 0), (0.0, 2, 1), (0.0, 0, 1)],
+    ids=["in-memory", "out-of-core", "reader-threads", "auto", "worker-threads", "worker"])
 def test_batches_read_together_equal_windows_read_one_by_one(dataset_json, cache_gb, threads,
                                                              workers):
     ds = SequenceDataset(*_cfgs(dataset_json, image_cache_gb=cache_gb, read_threads=threads))

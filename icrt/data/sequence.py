@@ -540,7 +540,7 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def _read_pool(self):
         """This process's reader threads (made after a DataLoader worker starts), or None."""
-        n = self.cfg.read_threads
+        n = self.cfg.read_threads or (1 if torch.utils.data.get_worker_info() else 2)
         if n <= 1:
             return None
         if getattr(self, "_pool_pid", None) != os.getpid():
