@@ -41,9 +41,11 @@ class SampleConfig:
     samples_per_scene: int = 1
     # Sampling steps (default: the checkpoint's).
     steps: int | None = None
-    # Flow matching ODE method, or diffusion sampler and DDIM eta (default: the checkpoint's).
+    # Flow matching ODE method (default: the checkpoint's).
     method: Literal["euler", "midpoint", "rk4", "dopri5"] | None = None
+    # Diffusion sampler (default: the checkpoint's).
     sampler_type: Literal["ddim", "ddpm"] | None = None
+    # DDIM eta: 0 deterministic, 1 as stochastic as DDPM (default: the checkpoint's).
     eta: float | None = None
     # Also score each sample cleaned to its largest 4-connected blob above 0.5 (isolated
     # speckles of an under-trained model removed); reported beside the raw scores.
@@ -54,6 +56,7 @@ class SampleConfig:
     batch_size: int = 16
     # Seed of the sampling noise.
     seed: int = 0
+    # Device: auto (CUDA when available), cpu, cuda or cuda:N.
     device: str = "auto"
 
 
