@@ -163,6 +163,27 @@ def test_resume_skips_finished_rounds_and_refuses_other_settings(trained, tmp_pa
     assert "| 2 |" in format_rounds(resumed)
     with pytest.raises(UserError, match="was run with --beta 0.0, not 0.5"):
         dagger(_cfg(root, run, out, beta=0.5), progress=False)
+    # a run recorded before the execution settings existed ran with their defaults
+    state = json.loads((out / "dagger.json").read_text())
+    for name in ("execution", "open_loop_steps", "ensemble_decay"):
+        del state["config"][name]
+    (out / "dagger.json").write_text(json.dumps(state))
+    assert len(dagger(_cfg(root, run, out, rounds=2), progress=False)["rounds"]) == 3
+    with pytest.raises(UserError, match="was run with --execution 'ensemble', not 'open_loop'"):
+        dagger(_cfg(root, run, out, rounds=2, execution="open_loop"), progress=False)
+
+
+def test_rollouts_and_evaluations_execute_chunks_as_asked(trained, tmp_path):
+    from icrt.eval.rollout import plan_episodes
+
+    root, run = trained
+    cfg = _cfg(root, run, tmp_path / "out", execution="open_loop", open_loop_steps=2)
+    setup = dagger_module._setup(cfg)
+    episodes, _ = plan_episodes(dagger_module._eval_config(setup, setup.source.path))
+    kwargs = dict(episodes[0].policy_kwargs)
+    assert kwargs["execution"] == "open_loop" and kwargs["open_loop_steps"] == 2
+    with pytest.raises(ValueError, match="--open-loop-steps must be > 0"):
+        _cfg(root, run, tmp_path / "out", open_loop_steps=0)
 
 
 def test_bad_inputs_are_one_sentence(trained, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -85,6 +85,13 @@ class DaggerConfig:
     max_steps: int | None = None
     # Demonstrations shown before each rollout and evaluation episode.
     num_prompts: int = 1
+    # Chunk execution in rollouts and evaluations, as in scripts/eval.py: ensemble (temporal
+    # ensembling) or open_loop.
+    execution: Literal["ensemble", "open_loop"] = "ensemble"
+    # Actions executed per chunk in open_loop mode (default: the whole chunk).
+    open_loop_steps: int | None = None
+    # Temporal-ensembling decay m in exp(-m * i), i = 0 for the oldest prediction.
+    ensemble_decay: float = 0.01
     # Optimizer steps of each round's fine-tune.
     finetune_steps: int = 300
     # Peak learning rate of each round's fine-tune (cosine decay to 0, no warm-up).
@@ -113,6 +120,9 @@ class DaggerConfig:
             _positive(self.batch_size, "--batch-size")
         if self.max_steps is not None:
             _positive(self.max_steps, "--max-steps")
+        if self.open_loop_steps is not None:
+            _positive(self.open_loop_steps, "--open-loop-steps")
+        _positive(self.ensemble_decay, "--ensemble-decay", allow_zero=True)
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"--beta must be in [0, 1] (got {self.beta}).")
         if self.tasks is not None and not self.tasks:
@@ -313,10 +323,13 @@ def _read_state(setup: _Setup) -> dict[str, Any]:
         state["rounds"] = list(state["rounds"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"'{path}' is unreadable ({e}); use another --out.") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(DaggerConfig)}
     for name, value in setup.record.items():
-        if name not in _FREE_FIELDS and before.get(name) != value:
+        # a setting an older run did not record had its default then
+        earlier = before.get(name, defaults.get(name))
+        if name not in _FREE_FIELDS and earlier != value:
             raise UserError(f"'{setup.out}' was run with --{name.replace('_', '-')} "
-                            f"{before.get(name)!r}, not {value!r}; use the same settings or "
+                            f"{earlier!r}, not {value!r}; use the same settings or "
                             f"another --out.")
     done = len(state["rounds"]) - 1
     if done >= setup.cfg.rounds:
@@ -339,7 +352,8 @@ def _eval_config(setup: _Setup, checkpoint: Path, **changes: Any) -> Any:
                 prompt_dataset=cfg.prompt_dataset, num_prompts=cfg.num_prompts,
                 episodes_per_task=cfg.eval_episodes, max_steps=cfg.max_steps,
                 workers=cfg.workers, threads_per_worker=cfg.threads_per_worker, seed=cfg.seed,
-                device=cfg.device)
+                device=cfg.device, execution=cfg.execution,
+                open_loop_steps=cfg.open_loop_steps, ensemble_decay=cfg.ensemble_decay)
     return EvalConfig(**{**base, **changes})
 
 
