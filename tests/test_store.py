@@ -1,5 +1,6 @@
 """Episode store: round trip, statistics, crash safety and errors."""
 
+import gc
 import json
 import os
 import signal
@@ -405,3 +406,28 @@ def test_a_store_without_its_commit_record_is_refused_in_one_sentence(tmp_path):
     with pytest.raises(UserError, match=r"s\.zarr' is damaged: its attributes lack "
                                         r"'num_episodes'"):
         EpisodeStore.open(path)
+
+
+def test_kept_open_files_stay_within_a_process_wide_budget(tmp_path, monkeypatch):
+    from icrt.data import chunks
+
+    path = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, size=(12000, 24, 24, 3), dtype=np.uint8)
+    with EpisodeStore.create(path) as store:
+        for part in np.split(frames, 4):
+            store.add_episode({"image_cam": part, "action": np.zeros((len(part), 1), np.float32)},
+                              task="t")
+    del store
+    gc.collect()  # the writer's readers give their descriptors back
+    monkeypatch.setattr(chunks, "_budget", [1])
+    store = EpisodeStore.open(path)
+    shard = int(store.array("image_cam").shards[0])
+    assert store.num_steps // shard >= 2  # two complete shards compete for one descriptor
+    for a in (0, shard, 10, shard + 10):
+        assert np.array_equal(store.read("image_cam", a, a + 50), frames[a:a + 50])
+    reader = store.reader("image_cam")
+    assert len(reader._fds) == 1 and chunks._budget == [0]
+    reader.close()
+    assert reader._fds == {} and chunks._budget == [1]
+    assert np.array_equal(store.read("image_cam", shard, shard + 50), frames[shard:shard + 50])

@@ -35,6 +35,22 @@ from numcodecs import LZ4, Zstd
 from numcodecs.checksum32 import CRC32C
 
 _EMPTY = np.uint64(2**64 - 1)
+
+
+def _open_file_budget() -> int:
+    """Chunk files all readers of a process may keep open: a quarter of the descriptor limit,
+    at most 512, so that many stores and keys never exhaust it."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(0, min(512, (soft if soft > 0 else 1024) // 4))
+
+
+_BUDGET_LOCK = threading.Lock()
+_budget = [_open_file_budget()]  # descriptors still free to keep, shared by every reader
 _ZSTD = Zstd()
 _LZ4 = LZ4()
 _CRC = CRC32C()
@@ -50,8 +66,9 @@ class ChunkReader:
     Safe to call from several threads at once (``pread`` and the decoders release the GIL, so
     a window's chunks decode in parallel). The index and file descriptor of a *complete* shard
     (every row of it below the array's length when the reader was made) are kept for the
-    reader's lifetime, at most ``max_open`` descriptors: appending rows never rewrites such a
-    shard. The last, growing shard is opened and indexed on every read."""
+    reader's lifetime (at most ``max_open`` descriptors per reader, and a process-wide budget
+    well inside the descriptor limit): appending rows never rewrites such a shard. The last,
+    growing shard is opened and indexed on every read."""
 
     def __init__(self, folder: Path, shape: tuple[int, ...], dtype: np.dtype,
                  chunk_rows: int, shard_rows: int | None, codec: str = "zstd",
@@ -91,14 +108,20 @@ class ChunkReader:
         return out
 
     def close(self) -> None:
+        """Close the files this reader keeps open (it still reads, opening them per read)."""
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        with _BUDGET_LOCK:
+            _budget[0] += len(fds)
 
     def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
+        if getattr(self, "_fds", None):
+            self.close()
 
     def _open(self, f: int) -> tuple[int, bool]:
         """(descriptor, whether the caller must close it) of chunk file ``f``."""
@@ -111,9 +134,10 @@ class ChunkReader:
         except FileNotFoundError:
             raise ChunkError(f"chunk file '{_short(path)}' is missing") from None
         if f < self.complete_files:
-            with self._lock:
-                if f not in self._fds and len(self._fds) < self.max_open:
+            with self._lock, _BUDGET_LOCK:
+                if f not in self._fds and len(self._fds) < self.max_open and _budget[0] > 0:
                     self._fds[f] = fd
+                    _budget[0] -= 1
                     return fd, False
         return fd, True
 
