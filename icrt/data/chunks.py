@@ -100,12 +100,16 @@ class ChunkReader:
         if stop <= start:
             return out
         flat = out.reshape(-1).view(np.uint8)
-        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
-        for f in range(first // self.per_file, last // self.per_file + 1):
-            lo = max(first, f * self.per_file)
-            hi = min(last, (f + 1) * self.per_file - 1)
+        for f, lo, hi in self._files(start, stop):
             self._read_file(f, lo, hi, start, stop, flat)
         return out
+
+    def _files(self, start: int, stop: int):
+        """(file, first inner chunk, last inner chunk) of every chunk file rows
+        ``start:stop`` (not empty) fall in; chunks are numbered across the array."""
+        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
+        for f in range(first // self.per_file, last // self.per_file + 1):
+            yield f, max(first, f * self.per_file), min(last, (f + 1) * self.per_file - 1)
 
     def close(self) -> None:
         """Close the files this reader keeps open (it still reads, opening them per read)."""
@@ -197,10 +201,7 @@ class ChunkReader:
         overlap; problems are left for :meth:`read` to report."""
         if stop <= start or not hasattr(os, "posix_fadvise"):
             return
-        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
-        for f in range(first // self.per_file, last // self.per_file + 1):
-            lo = max(first, f * self.per_file) - f * self.per_file
-            hi = min(last, (f + 1) * self.per_file - 1) - f * self.per_file
+        for f, lo, hi in self._files(start, stop):
             try:
                 fd, owned = self._open(f)
             except ChunkError:
@@ -208,7 +209,8 @@ class ChunkReader:
             try:
                 begin, length = 0, 0  # 0: to the end of an unsharded chunk file
                 if self.sharded:
-                    spans = self._shard_index(f, fd, self.file(f))[lo:hi + 1]
+                    spans = self._shard_index(f, fd, self.file(f))[
+                        lo - f * self.per_file:hi - f * self.per_file + 1]
                     if (spans[:, 0] == _EMPTY).any():
                         continue
                     begin = int(spans[:, 0].min())
