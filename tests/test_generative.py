@@ -277,3 +277,13 @@ def test_two_processes_under_torchrun(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1]
     # every rank takes as many steps (unequal counts would hang DDP): 4 scenes each, batch 2
     assert records[0]["step"] == 2
+
+
+def test_sample_goals_help_gives_each_option_its_own_text():
+    result = subprocess.run([sys.executable, "scripts/sample_goals.py", "-h"],
+                            capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    text = " ".join(result.stdout.replace("│", " ").split())
+    for phrase in ("Seed of the sampling noise", "Flow matching ODE method", "Diffusion sampler",
+                   "DDIM eta", "Device: auto"):
+        assert text.count(phrase) == 1, phrase
