@@ -2,63 +2,209 @@
 
 Each function returns a list of result rows (plain dicts) so scripts can print them as a
 table or dump them as JSON.
+
+Backbone shapes are named like ``scripts/benchmark.py memory`` names them (:func:`load_shape`):
+a Meta ``params.json``, a Hugging Face ``config.json`` or its directory, or a preset of
+``icrt.train.memory.PRESETS`` (``llama2-7b``, ``llama2-13b``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from icrt.models.backbones.llama import LlamaConfig
+
+Precision = Literal["32-true", "bf16-mixed"]
+
+# ------------------------------------------------------------------------------- shapes
+
+
+def load_shape(name: str, max_seq_len: int) -> LlamaConfig:
+    """The backbone shape called ``name``: a preset (``llama2-7b``, ``llama2-13b``), a Hugging
+    Face ``config.json`` or its directory, or a Meta ``params.json``."""
+    from icrt.config import source_path
+    from icrt.models.backbones.llama import LlamaConfig
+    from icrt.models.backbones.pretrained import read_hf_llama_config
+    from icrt.train.memory import PRESETS
+
+    if name in PRESETS:
+        return dataclasses.replace(PRESETS[name], max_seq_len=max_seq_len)
+    path = source_path(name)
+    path = path / "config.json" if path.is_dir() else path
+    if path.name == "config.json":
+        return read_hf_llama_config(path, max_seq_len)
+    return LlamaConfig.from_json(path, max_seq_len)
+
+
+def shape_label(name: str) -> str:
+    """``tiny`` for ``config/model_config/tiny.json``; a preset's own name."""
+    path = Path(name)
+    return path.parent.name if path.name == "config.json" else path.name.removesuffix(".json")
+
+
+def _params_json(shape: LlamaConfig) -> str:
+    """``shape`` as a Meta ``params.json`` (what ``PolicyConfig.scratch_llama_config`` reads)."""
+    fields = dataclasses.asdict(shape)
+    return json.dumps({k: v for k, v in fields.items() if k != "max_seq_len" and v is not None})
+
+
+@contextlib.contextmanager
+def _built_as(device: torch.device, dtype: torch.dtype):
+    """New modules' parameters are created on ``device`` in ``dtype``: a 7B model is never
+    materialised on the CPU or in fp32 on its way to a GPU in bf16."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so the clock reads finished work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------- training
+
+
+# Peak dense (no 2:4 sparsity) FLOP/s from the vendors' datasheets, by substrings of
+# ``torch.cuda.get_device_name()`` (all must occur; first match wins, so the specific rows come
+# first): bf16 tensor cores (fp32 accumulate), TF32 tensor cores (fp32 matmuls when torch allows
+# TF32) and plain fp32 (CUDA cores: torch's default for fp32 matmuls).
+PEAK_FLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
+    (("H100", "NVL"), {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    (("H100", "PCIe"), {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    (("H100",), {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),  # SXM: "H100 80GB HBM3"
+    (("H200", "NVL"), {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    (("H200",), {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
+    (("A100",), {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (("L40S",), {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (("RTX 4090",), {"bf16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+)
+
+
+def peak_flops(device_name: str, number_format: Literal["bf16", "tf32", "fp32"]) -> float | None:
+    """The datasheet peak of the GPU called ``device_name`` in ``number_format``; None for a
+    GPU not in :data:`PEAK_FLOPS`."""
+    name = device_name.lower()
+    for keys, peaks in PEAK_FLOPS:
+        if all(k.lower() in name for k in keys):
+            return peaks[number_format]
+    return None
+
+
+def device_peak_flops(device: torch.device, precision: Precision,
+                      peak_tflops: float | None = None) -> tuple[float | None, str | None]:
+    """(peak FLOP/s, note): ``peak_tflops`` when given, else the table's number for this GPU
+    and precision (fp32 counts TF32 when torch's fp32 matmul precision allows it); on the CPU
+    or an unknown GPU, (None, a note saying why MFU is left empty)."""
+    if peak_tflops:
+        return peak_tflops * 1e12, None
+    if device.type != "cuda":
+        return None, (f"MFU left empty: no peak FLOP/s is known for {device.type}; pass "
+                      f"--peak-tflops.")
+    if precision == "bf16-mixed":
+        number_format = "bf16"
+    else:
+        number_format = "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(name, number_format)
+    note = None if peak else (f"MFU left empty: {name} is not in the peak FLOP/s table; pass "
+                              f"--peak-tflops.")
+    return peak, note
+
+
+def train_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) -> int:
+    """Model FLOPs of one token's forward+backward: ``6 * N + 12 * n_layers * dim * seq_len``.
+
+    ``N`` counts the parameters that multiply every token (the backbone has no embedding
+    table); forward is 2 FLOPs per parameter and backward twice that. The second term is
+    attention's scores and weighted values (each ``2 * seq_len * dim`` FLOPs per token and
+    layer forward, times 3 with backward) over the whole ``seq_len x seq_len`` matrix, as
+    PaLM's MFU counts it, although a causal kernel can skip the masked half.
+    """
+    return 6 * n_params + 12 * n_layers * dim * seq_len
+
 
 def benchmark_backbone_train(
-    config_path: str,
+    config: str,
     batch_size: int,
     seq_len: int,
     steps: int,
     warmup: int,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    precision: Precision = "32-true",
+    n_layers: int = 0,
+    peak_tflops: float | None = None,
 ) -> list[dict]:
     """Time forward+backward of our LlamaBackbone against ``transformers.LlamaModel``.
 
-    Both models get the same shape (from the params file), the same random
-    ``(batch_size, seq_len, dim)`` input embeddings and the loss ``out.float().pow(2).mean()``.
-    Timed steps alternate between the two models so that drifting machine load (thermal
-    throttling, other jobs) hits both equally. Returns one row per model with ``ms_per_step``
-    (median), ``tokens_per_s`` and ``relative_speed`` (tokens/s relative to transformers).
+    Both models get the same shape (``config``, see :func:`load_shape`; ``n_layers`` > 0
+    replaces its depth), the same random ``(batch_size, seq_len, dim)`` input embeddings and
+    the loss ``out.float().pow(2).mean()``. ``precision`` 32-true: fp32 weights and compute;
+    bf16-mixed: bf16 weights (built in bf16 on ``device``, as FSDP's mixed-precision policy
+    computes) under bf16 autocast. Timed steps alternate between the two models so that
+    drifting machine load (thermal throttling, other jobs) hits both equally; on CUDA the
+    clock is read after ``torch.cuda.synchronize``.
+
+    Returns one row per model with ``ms_per_step`` (median), ``tokens_per_s``,
+    ``relative_speed`` (tokens/s relative to transformers), ``flops_per_token``
+    (:func:`train_flops_per_token`), ``tflops`` achieved and ``mfu`` = achieved / the peak of
+    :func:`device_peak_flops` (None, with ``mfu_note``, when no peak is known).
     """
     from transformers import LlamaModel
 
-    from icrt.models.backbones.llama import LlamaBackbone, LlamaConfig
+    from icrt.models.backbones.llama import LlamaBackbone
     from icrt.models.backbones.pretrained import hf_llama_config
 
-    if steps < 1 or warmup < 0 or batch_size < 1 or seq_len < 1:
-        raise ValueError("steps, batch_size and seq_len must be >= 1 and warmup >= 0.")
-    cfg = LlamaConfig.from_json(config_path, max_seq_len=seq_len)
+    if steps < 1 or warmup < 0 or batch_size < 1 or seq_len < 1 or n_layers < 0:
+        raise ValueError("steps, batch_size and seq_len must be >= 1 and warmup, n_layers >= 0.")
+    cfg = load_shape(config, seq_len)
+    if n_layers:
+        cfg = dataclasses.replace(cfg, n_layers=n_layers)
     dev = torch.device(device)
+    bf16 = precision == "bf16-mixed"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
-    ours = LlamaBackbone(cfg).to(device=dev, dtype=dtype).train()
-    theirs = LlamaModel(hf_llama_config(cfg, use_cache=False)).to(device=dev, dtype=dtype).train()
+    with _built_as(dev, dtype):
+        ours = LlamaBackbone(cfg).train()
+        theirs = LlamaModel(hf_llama_config(cfg, use_cache=False)).train()
     x = torch.randn(batch_size, seq_len, cfg.dim, device=dev, dtype=dtype)
 
     def run_ours() -> None:
-        ours(x).float().pow(2).mean().backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            out = ours(x)
+        out.float().pow(2).mean().backward()
 
     def run_theirs() -> None:
-        out = theirs(inputs_embeds=x, use_cache=False).last_hidden_state
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            out = theirs(inputs_embeds=x, use_cache=False).last_hidden_state
         out.float().pow(2).mean().backward()
 
     def timed(model: torch.nn.Module, fn: object) -> float:
         model.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        _sync(dev)
         t0 = time.perf_counter()
         fn()  # type: ignore[operator]
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        _sync(dev)
         return time.perf_counter() - t0
 
     runs = {"icrt": (ours, run_ours), "transformers": (theirs, run_theirs)}
@@ -72,32 +218,37 @@ def benchmark_backbone_train(
         for name in order:
             times[name].append(timed(*runs[name]))
 
+    peak, note = device_peak_flops(dev, precision, peak_tflops)
     tokens = batch_size * seq_len
     rows = []
     for name, (model, _) in runs.items():
         sec = statistics.median(times[name])
-        rows.append(
-            {
-                "model": name,
-                # transformers' 8-row token embedding is unused (inputs_embeds) and not counted.
-                "params": sum(
-                    p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n
-                ),
-                "batch_size": batch_size,
-                "seq_len": seq_len,
-                "device": str(dev),
-                "dtype": str(dtype).removeprefix("torch."),
-                "ms_per_step": 1000.0 * sec,
-                "tokens_per_s": tokens / sec,
-            }
-        )
+        # transformers' 8-row token embedding is unused (inputs_embeds) and not counted.
+        params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        flops = train_flops_per_token(params, cfg.n_layers, cfg.dim, seq_len)
+        row = {
+            "config": shape_label(config),
+            "model": name,
+            "params": params,
+            "layers": cfg.n_layers,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
+            "precision": precision,
+            "ms_per_step": 1000.0 * sec,
+            "tokens_per_s": tokens / sec,
+            "flops_per_token": flops,
+            "tflops": flops * tokens / sec / 1e12,
+            "peak_tflops": None if peak is None else peak / 1e12,
+            "mfu": None if peak is None else flops * tokens / sec / peak,
+        }
+        if note:
+            row["mfu_note"] = note
+        rows.append(row)
     ref = rows[1]["tokens_per_s"]
     for row in rows:
         row["relative_speed"] = row["tokens_per_s"] / ref
     return rows
-
-
-# ------------------------------------------------------------------------------- inference
 
 
 def benchmark_lora_vs_full(n_layers: int = 4, batch_size: int = 1, seq_len: int = 256,
@@ -141,24 +292,90 @@ def benchmark_lora_vs_full(n_layers: int = 4, batch_size: int = 1, seq_len: int 
     return rows
 
 
-def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, action_dim: int,
-                   num_pred_steps: int):
-    """An InContextPolicy with random weights and identity normalisation (no files needed)."""
-    from pathlib import Path
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    from icrt.config import ExperimentConfig, ModelConfig, PolicyConfig
+
+def benchmark_fsdp_vs_ddp(
+    config: str,
+    batch_size: int = 2,
+    seq_len: int = 128,
+    steps: int = 3,
+    warmup: int = 1,
+    n_layers: int = 0,
+    precision: Precision = "32-true",
+    ranks: int = 2,
+) -> list[dict]:
+    """Training step time of the backbone of ``config`` under DDP vs FSDP2, on ``ranks`` gloo
+    ranks of one thread each (``torch.distributed.run`` in a subprocess running
+    ``benchmarks/fsdp_worker.py``).
+
+    Each rank feeds ``batch_size`` random ``(seq_len, dim)`` sequences (128 tokens = a 64-step
+    training window) through forward, backward and AdamW; FSDP shards each block as
+    ``icrt.train.loop._shard`` does. After ``warmup`` steps (optimizer state allocated),
+    ``steps`` timed steps alternate between the strategies, each between barriers, so a step
+    lasts as long as its slowest rank. One row per strategy: ``ms_per_step`` (median),
+    ``samples_per_s`` over all ranks and ``vs_ddp`` (samples/s relative to DDP).
+    """
+    shape = load_shape(config, seq_len)
+    if n_layers:
+        shape = dataclasses.replace(shape, n_layers=n_layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        params, out = Path(tmp) / "params.json", Path(tmp) / "result.json"
+        params.write_text(_params_json(shape))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               str(Path(__file__).with_name("fsdp_worker.py")), "--shape", str(params),
+               "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
+               "--warmup", str(warmup), "--precision", precision, "--out", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode:
+            raise RuntimeError(f"The FSDP/DDP benchmark's ranks failed (exit "
+                               f"{result.returncode}):\n{result.stderr[-3000:]}")
+        seconds = json.loads(out.read_text())
+    rows = [{"config": shape_label(config), "layers": shape.n_layers, "strategy": strategy,
+             "ranks": ranks, "batch_per_rank": batch_size, "seq_len": seq_len,
+             "precision": precision, "ms_per_step": 1000.0 * sec,
+             "samples_per_s": ranks * batch_size / sec} for strategy, sec in seconds.items()]
+    for r in rows:
+        r["vs_ddp"] = r["samples_per_s"] / rows[0]["samples_per_s"]
+    return rows
+
+
+# ------------------------------------------------------------------------------- inference
+
+
+def _random_policy(config: str, max_timesteps: int, proprio_dim: int, action_dim: int,
+                   num_pred_steps: int, device: str = "cpu", n_layers: int = 0):
+    """An InContextPolicy with random weights and identity normalisation (no files needed),
+    built on ``device``; ``config`` is a shape name (:func:`load_shape`), ``n_layers`` > 0
+    replaces its depth."""
+    from icrt.config import ExperimentConfig, ModelConfig, PolicyConfig, source_path
     from icrt.data.transforms import Normalizer, identity_stats
     from icrt.eval.inference import InContextPolicy
     from icrt.models.policy import ICRTPolicy, PolicySpec
     from icrt.train.checkpoint import Checkpoint
 
-    policy_cfg = PolicyConfig(scratch_llama_config=config_path)
-    cfg = ExperimentConfig(model_cfg=ModelConfig(policy_cfg=policy_cfg))
     spec = PolicySpec(proprio_dim=proprio_dim, action_dim=action_dim,
                       num_pred_steps=num_pred_steps, max_timesteps=max_timesteps,
                       proprio_keys=("state",), action_keys=("action",))
-    torch.manual_seed(0)
-    model = ICRTPolicy(cfg.model_cfg, spec)
+    path = source_path(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        if n_layers or not path.is_file() or path.name == "config.json":
+            # a preset, a Hugging Face config or a shallower copy, as the params.json that
+            # scratch_llama_config reads (only while the model is built)
+            shape = load_shape(config, 2 * max_timesteps)
+            shape = dataclasses.replace(shape, n_layers=n_layers or shape.n_layers)
+            config = str(Path(tmp) / "params.json")
+            Path(config).write_text(_params_json(shape))
+        policy_cfg = PolicyConfig(scratch_llama_config=config)
+        cfg = ExperimentConfig(model_cfg=ModelConfig(policy_cfg=policy_cfg))
+        torch.manual_seed(0)
+        with torch.device(device):  # a 7B backbone never passes through the CPU
+            model = ICRTPolicy(cfg.model_cfg, spec)
     normalizer = Normalizer(
         stats={"proprio": identity_stats(proprio_dim), "action": identity_stats(action_dim)},
         modes={"proprio": "none", "action": "none"},
@@ -167,7 +384,7 @@ def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, actio
     rng = np.random.default_rng(0)
 
     def make(use_cache: bool, dtype: str = "float32", compile: bool = False) -> InContextPolicy:
-        return InContextPolicy(model, ckpt, use_cache=use_cache, deterministic=True,
+        return InContextPolicy(model, ckpt, device, use_cache=use_cache, deterministic=True,
                                dtype=dtype, compile=compile)
 
     def demo(steps: int) -> dict:
@@ -177,15 +394,19 @@ def _random_policy(config_path: str, max_timesteps: int, proprio_dim: int, actio
     return make, demo, model, ckpt
 
 
-def memory_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s with the current torch threads: the best of ``repeats`` sums over
-    a float32 buffer of ``gb`` GB (far larger than the caches), i.e. a streaming read."""
-    x = torch.ones(int(gb * 1e9) // 4)
+def memory_bandwidth(gb: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
+    """Read bandwidth of ``device`` in GB/s (on the CPU with the current torch threads): the
+    best of ``repeats`` sums over a float32 buffer of ``gb`` GB (far larger than the caches),
+    i.e. a streaming read."""
+    dev = torch.device(device)
+    x = torch.ones(int(gb * 1e9) // 4, device=dev)
     x.sum()
     best = float("inf")
     for _ in range(repeats):
+        _sync(dev)
         t0 = time.perf_counter()
         x.sum()
+        _sync(dev)
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
 
@@ -198,8 +419,10 @@ def _act_ms(policy, prompt: dict, obs: np.ndarray, steps: int) -> float:
     policy.reset()
     times = []
     for t in range(steps):
+        _sync(policy.device)
         t0 = time.perf_counter()
         policy.act({"state": obs[t]})
+        _sync(policy.device)
         times.append(time.perf_counter() - t0)
     return 1000.0 * float(np.median(times))
 
@@ -242,27 +465,35 @@ def benchmark_inference(
     bandwidth: float | None = None,
     threads: tuple[int, ...] = (),
     compile: bool = True,
+    device: str = "cpu",
+    n_layers: int = 0,
 ) -> list[dict]:
     """Latency of ``InContextPolicy.act`` after a ``prompt_tokens``-token prompt, one row per
-    decoding path: full recompute, the training backbone with its KV cache (the baseline),
-    and the Decoder (fused projections, static cache) with float32, bfloat16 and int8
-    weights, each eager and (``compile``) with torch.compile'd steps (compile time excluded:
-    the warm-up steps pay it); ``threads``: the eager Decoder rows again with these torch
-    thread counts.
+    decoding path: full recompute (left out when ``recompute_steps`` is 0), the training
+    backbone with its KV cache (the baseline), and the Decoder (fused projections, static
+    cache) with float32, bfloat16 and int8 weights, each eager and (``compile``) with
+    torch.compile'd steps (compile time excluded: the warm-up steps pay it); ``threads``: on
+    the CPU, the eager Decoder rows again with these torch thread counts.
+
+    The random policy of shape ``config_path`` (:func:`load_shape`; ``n_layers`` > 0 replaces
+    its depth) is built and run on ``device``; on CUDA the clock is read after
+    ``torch.cuda.synchronize``.
 
     ``floor_ms`` is the bytes a step must read -- the backbone's weights plus the cached keys
-    and values -- divided by the read ``bandwidth`` (GB/s) measured in the same run with the
-    same threads; ``vs_floor`` is each row's multiple of it.
+    and values -- divided by the read ``bandwidth`` (GB/s) of ``device`` measured in the same
+    run with the same threads; ``vs_floor`` is each row's multiple of it.
     """
     from icrt.models.backbones.decode import Decoder
 
     prompt_steps = prompt_tokens // 2
     make, demo, model, _ = _random_policy(config_path, prompt_steps + steps + 8, proprio_dim,
-                                          action_dim, num_pred_steps)
+                                          action_dim, num_pred_steps, device, n_layers)
     prompt = demo(prompt_steps)
     obs = demo(steps)["state"]
     own_threads = torch.get_num_threads()
-    base = {"config": config_path.rsplit("/", 1)[-1].removesuffix(".json"),
+    if torch.device(device).type != "cpu":
+        threads = ()  # torch's threads do not drive a GPU
+    base = {"config": shape_label(config_path), "device": device,
             "params_m": sum(p.numel() for p in model.backbone.parameters()) / 1e6,
             "prompt_tokens": prompt_tokens}
     context = prompt_tokens + 2  # tokens attended to by a step's queries
@@ -276,12 +507,13 @@ def benchmark_inference(
                      "read_mb": (weight_bytes + kv_bytes) / 1e6, "bandwidth_gbs": bw,
                      "floor_ms": floor, "vs_floor": ms / floor})
 
-    bw = bandwidth or memory_bandwidth()
+    bw = bandwidth or memory_bandwidth(device=device)
     kv32 = 2 * model.backbone.config.n_layers * model.backbone.config.kv_heads * \
         model.backbone.config.head_dim * context * 4
-    # recompute reads the weights once but attends over the whole context for every token
-    row("recompute (fp32)", _act_ms(make(False, "float32"), prompt, obs, recompute_steps),
-        fp32_bytes, kv32, own_threads, bw)
+    if recompute_steps:
+        # recompute reads the weights once but attends over the whole context for every token
+        row("recompute (fp32)", _act_ms(make(False, "float32"), prompt, obs, recompute_steps),
+            fp32_bytes, kv32, own_threads, bw)
     row("KV cache, training backbone (fp32)", _act_ms(_training_backbone_policy(make), prompt,
                                                       obs, steps), fp32_bytes, kv32,
         own_threads, bw)
@@ -316,8 +548,7 @@ def benchmark_batched_inference(
 
     prompt_steps = prompt_tokens // 2
     make, demo, model, ckpt = _random_policy(config_path, prompt_steps + steps + 16, proprio_dim,
-                                             action_dim, num_pred_steps)
-    model.to(device)
+                                             action_dim, num_pred_steps, device)
     prompts = [demo(prompt_steps - 8 * i % 64) for i in range(rows)]
     obs = demo(steps + 2)["state"]
     singles = [make(True) for _ in range(rows)]
@@ -329,15 +560,15 @@ def benchmark_batched_inference(
     for p in singles:
         p.act({"state": obs[0]})
 
+    dev = torch.device(device)
+
     def timed(fn) -> float:
         times = []
         for t in range(1, steps + 1):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(dev)
             t0 = time.perf_counter()
             fn(t)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(dev)
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
