@@ -184,11 +184,14 @@ class PolicyConfig:
     # consolidated.00.pth) or Hugging Face's (config.json + model*.safetensors, e.g.
     # Llama-2-7b-hf, TinyLlama, SmolLM); used when no scratch config is given.
     llama_ckpt_dir: str | None = None
-    # pretrain: train every backbone weight; finetune: train LoRA/bias/norm only.
-    phase: Literal["pretrain", "finetune"] = "pretrain"
+    # What of the backbone trains (the policy's own tokenisers and head always do). pretrain:
+    # all of a scratch backbone, none of a pretrained Llama (llama-ckpt-dir), as ICRT;
+    # finetune: LoRA adapters, ICRT's biases (--model-cfg.policy-cfg.lora-bias) and the norms;
+    # full: every weight, also of a pretrained Llama (full fine-tuning; not in ICRT).
+    phase: Literal["pretrain", "finetune", "full"] = "pretrain"
     # Checkpoint (directory or model.safetensors) whose weights initialise the policy.
     pretrained_path: str | None = None
-    # Rank of the backbone's LoRA adapters (pretrained Llama, finetune phase).
+    # Rank of the backbone's LoRA adapters (finetune phase).
     lora_rank: int = 4
     # Backbone layers that get LoRA adapters (default: all).
     lora_layer_idxs: tuple[int, ...] | None = None
@@ -201,14 +204,18 @@ class PolicyConfig:
     pred_action_only: bool = True
     # ICRT: KL-divergence loss (not implemented).
     kl_div_loss: bool = False
-    # LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_rank.
-    lora_alpha: float = 8.0
+    # LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_rank (default:
+    # alpha = rank, scale 1, ICRT's).
+    lora_alpha: float | None = None
     # Dropout on the input of the LoRA branch.
     lora_dropout: float = 0.0
     # Projections that get adapters, by Meta's or Hugging Face's names: attention (wq wk wv wo
-    # = q_proj k_proj v_proj o_proj, ICRT's choice) and MLP (w1 w2 w3 = gate_proj down_proj
-    # up_proj).
-    lora_targets: tuple[LoraTarget, ...] = ("wq", "wk", "wv", "wo")
+    # = q_proj k_proj v_proj o_proj) and MLP (w1 w2 w3 = gate_proj down_proj up_proj); default
+    # all seven, ICRT's.
+    lora_targets: tuple[LoraTarget, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    # ICRT's bias tuning in the finetune phase: trainable zero-initialised biases on wq, wo,
+    # w1, w2 and w3 of every layer (wk and wv stay bias-free).
+    lora_bias: bool = True
     # Attention heads of the per-camera attention-pooling adapter.
     adapter_num_heads: int = 8
     # MLP ratio of the attention-pooling adapter.
@@ -282,7 +289,8 @@ class PolicyConfig:
         _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
         _positive(self.flow_tolerance, p + "flow-tolerance")
         _positive(self.cvae_kl_weight, p + "cvae-kl-weight", allow_zero=True)
-        _positive(self.lora_alpha, p + "lora-alpha")
+        if self.lora_alpha is not None:
+            _positive(self.lora_alpha, p + "lora-alpha")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"{p}lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         if not self.lora_targets:

@@ -2,11 +2,12 @@
 
     python scripts/export.py --checkpoint runs/ft --out exports/ft --merge-lora
 
-With --merge-lora the LoRA adapters of the backbone are folded into its weights: the export
-needs neither peft nor the base model directory (its backbone shape is written beside the
-weights), and acts exactly like the checkpoint. Without it, the export is the checkpoint
-without its optimizer state. Load the result with InContextPolicy.from_checkpoint or
-scripts/eval.py --checkpoint.
+With --merge-lora the LoRA adapters of the backbone are folded into its weights (the finetune
+phase's biases kept): the export needs neither peft nor the base model directory (its backbone
+shape is written beside the weights), and acts exactly like the checkpoint; a checkpoint of a
+frozen pretrained backbone (pretrain phase) becomes standalone the same way. Without it, the
+export is the checkpoint without its optimizer state. Load the result with
+InContextPolicy.from_checkpoint or scripts/eval.py --checkpoint.
 
 Run with -h for every option.
 """
@@ -28,7 +29,7 @@ class ExportConfig:
     checkpoint: str
     # Output directory (a checkpoint directory).
     out: str
-    # Fold the backbone's LoRA adapters into its weights.
+    # Fold the backbone's LoRA adapters into its weights and include the base model's weights.
     merge_lora: bool = False
     # Replace an existing output directory.
     overwrite: bool = False

@@ -13,11 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icrt.config import PolicyConfig
+from icrt.config import ModelConfig, PolicyConfig
 from icrt.errors import UserError
 from icrt.models.backbones import build_backbone, llama
 from icrt.models.backbones.llama import KVCache, LlamaBackbone, LlamaConfig
-from icrt.models.backbones.pretrained import hf_llama_config, load_pretrained_llama
+from icrt.models.backbones.pretrained import (
+    apply_lora,
+    hf_llama_config,
+    load_pretrained_llama,
+    merge_lora,
+)
+from icrt.models.policy import ICRTPolicy, PolicySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "config/model_config/tiny.json"
@@ -345,6 +351,24 @@ def test_params_json_errors(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"dim": "32", "n_layers": 1, "n_heads": 4}))
     with pytest.raises(UserError, match="dim"):
         LlamaConfig.from_json(bad, max_seq_len=16)
+    bad.write_text(json.dumps({"dim": 32, "n_layers": 1, "n_heads": 4,
+                               "bias_projections": ["wq", "wz"]}))
+    with pytest.raises(UserError, match="bias_projections names 'wz'"):
+        LlamaConfig.from_json(bad, max_seq_len=16)
+
+
+def test_biased_projections_round_trip_through_params_json(tmp_path: Path) -> None:
+    """A backbone with ICRT's tuning biases is rebuilt from its config (a merged export's
+    backbone_params.json); a params file without the key has none."""
+    shape = {"dim": 32, "n_layers": 1, "n_heads": 4}
+    (tmp_path / "plain.json").write_text(json.dumps(shape))
+    assert LlamaConfig.from_json(tmp_path / "plain.json", 16).bias_projections == ()
+    (tmp_path / "biased.json").write_text(json.dumps({**shape,
+                                                      "bias_projections": ["wq", "w2"]}))
+    cfg = LlamaConfig.from_json(tmp_path / "biased.json", 16)
+    assert cfg.bias_projections == ("wq", "w2")
+    biases = {n for n, _ in LlamaBackbone(cfg).named_parameters() if n.endswith(".bias")}
+    assert biases == {"layers.0.attention.wq.bias", "layers.0.feed_forward.w2.bias"}
 
 
 # ------------------------------------------------------------------------------ pretrained
@@ -381,45 +405,136 @@ PARAMS = {
 }
 
 
-def lora_count(dim: int, kv_dim: int, rank: int, layers: int) -> int:
-    per_layer = rank * ((dim + dim) + (dim + kv_dim) * 2 + (dim + dim))  # wq, wk, wv, wo
-    return per_layer * layers
+def lora_count(dim: int, kv_dim: int, hidden: int, rank: int, layers: int) -> int:
+    attention = (dim + dim) + (dim + kv_dim) * 2 + (dim + dim)  # wq, wk, wv, wo: in + out
+    mlp = 3 * (dim + hidden)  # w1, w2, w3
+    return rank * (attention + mlp) * layers
+
+
+def bias_count(dim: int, hidden: int, layers: int) -> int:
+    return (dim + dim + hidden + dim + hidden) * layers  # wq, wo, w1, w2, w3
 
 
 @pytest.mark.parametrize("layer_idxs", [None, (0, 2)])
 def test_pretrained_finetune_lora(tmp_path: Path, layer_idxs: tuple[int, ...] | None) -> None:
+    """ICRT's finetune phase: LoRA on all seven projections (scale 1) and zero biases on wq,
+    wo, w1, w2, w3 of every layer, which with the norms are all that trains."""
     ref = write_fake_checkpoint(tmp_path / "ckpt", PARAMS)
     model = load_pretrained_llama(
         tmp_path / "ckpt", 32, lora_rank=4, lora_layer_idxs=layer_idxs, phase="finetune"
     )
     assert isinstance(model, LlamaBackbone)
     x = torch.randn(2, 9, 32)
-    with torch.no_grad():  # LoRA's B starts at zero: the checkpoint's function exactly
-        torch.testing.assert_close(model.eval()(x), ref(x))
+    with torch.no_grad():  # LoRA's B and the biases start at zero: the checkpoint's function
+        assert torch.equal(model.eval()(x), ref(x))
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     n_layers = 3 if layer_idxs is None else len(layer_idxs)
     norms = (2 * 3 + 1) * 32
-    assert sum(trainable.values()) == lora_count(32, 16, 4, n_layers) + norms
-    assert all("lora_" in n or "norm" in n for n in trainable)
+    hidden = model.config.ffn_hidden_dim
+    assert sum(trainable.values()) == (lora_count(32, 16, hidden, 4, n_layers)
+                                       + bias_count(32, hidden, 3) + norms)
+    assert all("lora_" in n or "norm" in n or n.endswith(".bias") for n in trainable)
+    biases = {n.split(".")[3] for n in trainable if n.endswith(".bias")}
+    assert biases == {"wq", "wo", "w1", "w2", "w3"}
+    assert all(torch.all(p == 0) for n, p in model.named_parameters() if n.endswith(".bias"))
+    assert model.config.bias_projections == ("wq", "wo", "w1", "w2", "w3")
+    for module in model.modules():  # ICRT's scale: alpha = rank
+        assert getattr(module, "scaling", {"default": 1.0})["default"] == 1.0
     if layer_idxs is not None:
         assert not any(n.startswith("layers.1.") and "lora_" in n for n in trainable)
-    with torch.no_grad():  # the cache still works through the adapters
+    with torch.no_grad():  # the cache still works through the adapters and biases
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.endswith(".bias"):
+                p.normal_(std=0.1)
         torch.testing.assert_close(decode_in_chunks(model, x, [4]), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_pretrained_pretrain_phase_trains_everything(tmp_path: Path) -> None:
+def test_lora_alpha_and_bias_can_be_set(tmp_path: Path) -> None:
+    write_fake_checkpoint(tmp_path / "ckpt", PARAMS)
+    model = load_pretrained_llama(tmp_path / "ckpt", 32, lora_rank=4, lora_alpha=16,
+                                  lora_targets=("q_proj", "wv"), lora_bias=False)
+    scales = {m.scaling["default"] for m in model.modules() if hasattr(m, "scaling")}
+    assert scales == {4.0}
+    assert not any(n.endswith(".bias") for n, _ in model.named_parameters())
+    assert model.config.bias_projections == ()
+
+
+@pytest.mark.parametrize("phase, trains", [("pretrain", False), ("full", True)])
+def test_pretrained_pretrain_phase_freezes_and_full_trains_everything(
+        tmp_path: Path, phase: str, trains: bool) -> None:
     ref = write_fake_checkpoint(tmp_path / "ckpt", PARAMS, dtype=torch.float32)
-    model = load_pretrained_llama(tmp_path / "ckpt", 32, 4, None, "pretrain")
-    assert all(p.requires_grad for p in model.parameters())
+    model = load_pretrained_llama(tmp_path / "ckpt", 32, 4, None, phase)
+    assert all(p.requires_grad == trains for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
     x = torch.randn(1, 5, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x))
 
 
+SPEC = PolicySpec(proprio_dim=3, action_dim=2, num_pred_steps=2, max_timesteps=8)
+
+
+def _trainable_backbone(policy: ICRTPolicy) -> set[str]:
+    return {n for n, p in policy.backbone.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("source", ["scratch", "pretrained"])
+@pytest.mark.parametrize("phase", ["pretrain", "finetune", "full"])
+def test_what_trains_in_each_phase(tmp_path: Path, source: str, phase: str) -> None:
+    """ICRT's phases: pretrain trains a scratch backbone whole and freezes a pretrained one;
+    finetune trains LoRA on all seven projections, the five biases per layer and the norms;
+    full trains everything. The policy's own modules train in every phase."""
+    write_fake_checkpoint(tmp_path / "ckpt", PARAMS)
+    where = ({"scratch_llama_config": str(TINY)} if source == "scratch"
+             else {"llama_ckpt_dir": str(tmp_path / "ckpt")})
+    policy = ICRTPolicy(ModelConfig(policy_cfg=PolicyConfig(phase=phase, lora_rank=2, **where)),
+                        SPEC)
+    names = {n for n, _ in policy.backbone.named_parameters()}
+    trainable = _trainable_backbone(policy)
+    if phase == "full" or (phase == "pretrain" and source == "scratch"):
+        assert trainable == names
+    elif phase == "pretrain":
+        assert not trainable
+    else:
+        n_layers = policy.backbone.config.n_layers
+        lora = {n for n in trainable if "lora_" in n}
+        assert {(n.split(".")[1], n.split(".")[3]) for n in lora} == {
+            (str(i), w) for i in range(n_layers) for w in llama.PROJECTIONS}
+        biases = {n for n in trainable if n.endswith(".bias")}
+        assert len(biases) == 5 * n_layers
+        norms = {n for n in trainable if "norm" in n}
+        assert len(norms) == 2 * n_layers + 1
+        assert trainable == lora | biases | norms
+    others = [p for n, p in policy.named_parameters() if not n.startswith("backbone.")]
+    assert others and all(p.requires_grad for p in others)
+
+
+def test_merged_lora_with_biases_is_a_plain_backbone_of_its_config() -> None:
+    """merge_lora folds the adapters in and keeps the biases; a backbone rebuilt from the
+    merged config loads the weights and computes the same (non-zero biases and adapters)."""
+    model = make(n_kv_heads=2)
+    apply_lora(model, rank=2)
+    x = torch.randn(1, 7, 32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.endswith(".bias"):
+                p.normal_(std=0.1)
+        want = model(x)
+    assert merge_lora(model) == 2 * 7
+    rebuilt = LlamaBackbone(model.config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="no biases on single projections"):
+        hf_llama_config(model.config)
+
+
 def test_pretrained_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_pretrained_llama(tmp_path / "missing", 32, 4, None, "finetune")
+    (tmp_path / "some").mkdir()
+    with pytest.raises(UserError, match="Unknown phase 'midtrain'; use pretrain, finetune, full"):
+        load_pretrained_llama(tmp_path / "some", 32, 4, None, "midtrain")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="params.json"):
         load_pretrained_llama(tmp_path / "empty", 32, 4, None, "finetune")

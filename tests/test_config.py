@@ -76,6 +76,10 @@ def test_icrt_flags_keep_their_meaning(real_paths):
     cfg = parse_config(icrt_args(ICRT_COMMANDS[4], real_paths))
     assert cfg.model_cfg.policy_cfg.phase == "finetune"
     assert cfg.model_cfg.policy_cfg.lora_rank == 32
+    # ICRT's LoRA: all seven projections, scale 1 (alpha = rank), biases on wq wo w1 w2 w3
+    assert cfg.model_cfg.policy_cfg.lora_targets == ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    assert cfg.model_cfg.policy_cfg.lora_alpha is None
+    assert cfg.model_cfg.policy_cfg.lora_bias is True
     assert cfg.dataset_cfg.rebalance_tasks is True
     cfg = parse_config(icrt_args(ICRT_COMMANDS[0], real_paths))
     assert cfg.trainer_cfg.accum_iter == 32 and cfg.shared_cfg.batch_size == 2
@@ -124,6 +128,18 @@ def test_load_config_errors(tmp_path):
     bad.write_text(json.dumps(data))
     with pytest.raises(UserError, match="phase"):
         load_config(bad)
+    data["model_cfg"]["policy_cfg"]["phase"] = "full"
+    bad.write_text(json.dumps(data))
+    assert load_config(bad).model_cfg.policy_cfg.phase == "full"
+
+
+def test_lora_flags():
+    cfg = parse_config(["--model-cfg.policy-cfg.phase", "full",
+                        "--model-cfg.policy-cfg.lora-alpha", "16",
+                        "--model-cfg.policy-cfg.no-lora-bias"]).model_cfg.policy_cfg
+    assert (cfg.phase, cfg.lora_alpha, cfg.lora_bias) == ("full", 16.0, False)
+    with pytest.raises(SystemExit):
+        parse_config(["--model-cfg.policy-cfg.phase", "midtrain"])
 
 
 @pytest.mark.parametrize(

@@ -43,16 +43,37 @@ def test_float32_decoder_equals_training_backbone(n_kv_heads):
     assert dec.length == 40  # a refused call writes nothing
 
 
-def test_lora_adapters_are_merged():
-    backbone = _backbone()
-    apply_lora(backbone, rank=4)
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_adapters_are_merged(bias):
+    backbone = _backbone(n_kv_heads=2)
+    apply_lora(backbone, rank=4, bias=bias)
     for name, p in backbone.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or name.endswith(".bias"):
             torch.nn.init.normal_(p, std=0.1)  # B = 0 at injection would hide a missing merge
     x = torch.randn(1, 20, 64)
     with torch.no_grad():
         want = backbone(x)
-    torch.testing.assert_close(Decoder(backbone, 32)(x), want, atol=1e-5, rtol=1e-5)
+    dec = Decoder(backbone, 32)
+    torch.testing.assert_close(dec(x), want, atol=1e-5, rtol=1e-5)
+    assert (dec.blocks[0].qkv.b is not None) == bias  # wq's bias, zeros for wk and wv
+    for dtype in ("bfloat16", "int8"):
+        got = Decoder(backbone, 32, dtype=dtype)(x)
+        assert (got - want).norm() / want.norm() < 0.05, dtype
+
+
+def test_biases_of_a_plain_backbone_are_decoded():
+    """A merged LoRA export's backbone: biases on plain nn.Linear projections."""
+    backbone = _backbone()
+    backbone.add_biases(("wq", "wo", "w1", "w2", "w3"))
+    for name, p in backbone.named_parameters():
+        if name.endswith(".bias"):
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(1, 20, 64)
+    with torch.no_grad():
+        want = backbone(x)
+    dec = Decoder(backbone, 32)
+    got = torch.cat([dec(x[:, :12]), dec(x[:, 12:14]), dec(x[:, 14:])], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])

@@ -11,6 +11,7 @@ from icrt.data.store import EpisodeStore
 from icrt.errors import UserError
 from icrt.eval.inference import InContextPolicy
 from icrt.models.backbones.pretrained import load_pretrained_llama
+from icrt.train.checkpoint import load_policy, read_checkpoint, save_checkpoint
 from icrt.train.loop import train
 
 
@@ -221,8 +222,10 @@ def test_hugging_face_llama_dir_trains_with_lora_and_acts_cached(runs, tmp_path)
 
 
 def test_lora_checkpoint_holds_adapters_only_and_merged_export_acts_the_same(runs, tmp_path):
-    """A LoRA run on a pretrained Llama directory saves only what trains plus its base's
-    fingerprint; it refuses another base; the merged export stands alone and acts the same."""
+    """A LoRA run on a pretrained Llama directory saves only what trains (adapters, ICRT's
+    biases, norms) plus its base's fingerprint; it refuses another base; with non-zero biases
+    and adapters, cached actions equal recomputed ones and the merged export stands alone and
+    acts the same."""
     transformers = pytest.importorskip("transformers")
     import json
     import shutil
@@ -249,24 +252,44 @@ def test_lora_checkpoint_holds_adapters_only_and_merged_export_acts_the_same(run
 
     saved = load_file(str(ckpt / "model.safetensors"))
     backbone = [k for k in saved if k.startswith("backbone.")]
-    assert backbone and all("lora_" in k or "norm" in k for k in backbone)
+    assert backbone and all("lora_" in k or "norm" in k or k.endswith(".bias") for k in backbone)
     assert any("feed_forward.w2.lora_A" in k for k in backbone)  # MLP targets took
     assert not any("attention.wk.lora_" in k for k in backbone)
+    biased = {k.split(".")[4] for k in backbone if k.endswith(".bias")}  # wrapped or not
+    assert biased == {"wq", "wo", "w1", "w2", "w3"}
+    assert all(saved[k].abs().sum() > 0 for k in backbone if k.endswith(".bias"))  # trained
     assert json.loads((ckpt / "lora_base.json").read_text())["path"] == str(base.resolve())
     # training left the base weights bitwise as the base directory has them
-    policy = InContextPolicy.from_checkpoint(run)
     fresh = load_pretrained_llama(base, 64, phase="pretrain").state_dict()
-    for k, v in policy.model.backbone.state_dict().items():
-        if "lora_" not in k and "norm" not in k:
+    model, _ = load_policy(run)
+    for k, v in model.backbone.state_dict().items():
+        if "lora_" not in k and "norm" not in k and not k.endswith(".bias"):
             assert torch.equal(v, fresh[k.replace(".base_layer", "")]), k
+    # biases and adapters far from zero, so a bias folded in wrongly shows; saved trainable-only
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.backbone.named_parameters():
+            if "lora_B" in n or n.endswith(".bias"):
+                p.normal_(std=0.1)
+    source = read_checkpoint(run)
+    perturbed = save_checkpoint(tmp_path / "perturbed", model, source.config, source.normalizer)
+    assert set(load_file(str(perturbed / "model.safetensors"))) == set(saved)
+    policy = InContextPolicy.from_checkpoint(perturbed)
+    full = InContextPolicy.from_checkpoint(perturbed, use_cache=False)
+    for k, v in policy.model.state_dict().items():  # the reload holds the perturbed weights
+        assert torch.equal(v, model.state_dict()[k]), k
     store = EpisodeStore.open(root / "reach.zarr")
     query = store.episode(4)
-    policy.prompt([store.episode(0)])
+    for p in (policy, full):
+        p.prompt([store.episode(0)])
     unmerged = _rollout(policy, query, 1)
+    np.testing.assert_allclose(unmerged, _rollout(full, query, 1), atol=1e-4)
     # the merged export: no base directory, no LoRA modules, same actions
     script = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
-    subprocess.run([sys.executable, str(script), "--checkpoint", str(run), "--out",
+    subprocess.run([sys.executable, str(script), "--checkpoint", str(perturbed), "--out",
                     str(tmp_path / "export"), "--merge-lora"], check=True, capture_output=True)
+    shape = json.loads((tmp_path / "export" / "backbone_params.json").read_text())
+    assert shape["bias_projections"] == ["wq", "wo", "w1", "w2", "w3"]
     shutil.rmtree(base)
     merged = InContextPolicy.from_checkpoint(tmp_path / "export")
     assert not any("lora_" in n for n, _ in merged.model.named_parameters())
@@ -278,3 +301,68 @@ def test_lora_checkpoint_holds_adapters_only_and_merged_export_acts_the_same(run
     with pytest.raises(UserError, match="holds LoRA adapters trained on the base model .* has "
                                         "other weights"):
         InContextPolicy.from_checkpoint(run)
+
+
+def test_pretrain_phase_freezes_a_pretrained_llama_and_its_checkpoint_reloads(runs, tmp_path):
+    """ICRT's pretrain phase on a pretrained Llama trains only the policy's modules around the
+    frozen backbone: the checkpoint leaves the backbone to its base directory, reloads to the
+    same actions, and exports standalone; the full phase trains (and saves) every weight."""
+    transformers = pytest.importorskip("transformers")
+    import dataclasses
+    import shutil
+
+    from icrt.models.policy import ICRTPolicy
+    from icrt.train.checkpoint import export_checkpoint, load_checkpoint_weights, lora_base_keys
+
+    root, _ = runs
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=16, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )).save_pretrained(base)
+    run = train(parse_config(tiny_args(
+        root / "reach.json", tmp_path / "run", "--trainer-cfg.epochs", "1",
+        "--model-cfg.policy-cfg.scratch-llama-config", "None",
+        "--model-cfg.policy-cfg.llama-ckpt-dir", base)), progress=False)
+    ckpt = sorted(run.glob("checkpoint-*"))[-1]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert saved and not any(k.startswith("backbone.") for k in saved)
+    assert (ckpt / "lora_base.json").is_file()
+    model, source = load_policy(run)
+    fresh = load_pretrained_llama(base, 64, phase="full").state_dict()
+    assert model.backbone.state_dict().keys() == fresh.keys()
+    assert all(torch.equal(v, fresh[k]) for k, v in model.backbone.state_dict().items())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    for k, v in saved.items():  # the reload holds what was trained
+        assert torch.equal(model.state_dict()[k], v), k
+    store = EpisodeStore.open(root / "reach.zarr")
+    query = store.episode(4)
+    cached = InContextPolicy.from_checkpoint(run)
+    full = InContextPolicy.from_checkpoint(run, use_cache=False)
+    for p in (cached, full):
+        p.prompt([store.episode(0)])
+    acts = _rollout(cached, query, 1)
+    np.testing.assert_allclose(acts, _rollout(full, query, 1), atol=1e-4)
+    # the full phase: every backbone weight trains, so its checkpoints are complete
+    cfg = source.config.model_cfg
+    whole = ICRTPolicy(dataclasses.replace(cfg, policy_cfg=dataclasses.replace(
+        cfg.policy_cfg, phase="full")), source.spec)
+    assert all(p.requires_grad for p in whole.backbone.parameters())
+    assert not lora_base_keys(whole) and lora_base_keys(model)
+    # ICRT's pretrain-then-finetune on the same base: the checkpoint initialises a LoRA policy
+    # (pretrained-path), which starts out computing what the pretrained one computes
+    tuned = ICRTPolicy(dataclasses.replace(cfg, policy_cfg=dataclasses.replace(
+        cfg.policy_cfg, phase="finetune")), source.spec).eval()
+    load_checkpoint_weights(tuned, source)
+    x = torch.randn(1, 6, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.backbone(x), model.backbone(x))
+    assert all(torch.equal(tuned.state_dict()[k], v) for k, v in saved.items())
+    export_checkpoint(run, tmp_path / "export", merge_lora=True)
+    shutil.rmtree(base)
+    standalone = InContextPolicy.from_checkpoint(tmp_path / "export")
+    standalone.prompt([store.episode(0)])
+    np.testing.assert_allclose(_rollout(standalone, query, 1), acts, atol=1e-5)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,12 @@ from test_config import ICRT_COMMANDS, icrt_args
 
 from icrt.config import ExperimentConfig, parse_config
 from icrt.errors import UserError
-from icrt.train.checkpoint import latest_checkpoint, load_policy, read_checkpoint
+from icrt.train.checkpoint import (
+    latest_checkpoint,
+    load_policy,
+    read_checkpoint,
+    verify_checkpoint,
+)
 from icrt.train.loop import TrainingDiverged, run_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,11 +178,15 @@ def test_two_nodes_of_one_process_on_localhost_equal_one_process(reach_json, tmp
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _torchrun_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}", str(ROOT / "scripts/train.py"), *map(str, args)]
+
+
 def _torchrun(args: list[str], nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(ROOT / "scripts/train.py"), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(_torchrun_cmd(args, nproc), capture_output=True, text=True, env=env,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -208,8 +218,6 @@ def test_fsdp_equals_ddp_on_two_gloo_ranks_and_resumes_exactly(reach_json, tmp_p
         torch.testing.assert_close(wc[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
     # the optimizer state (and weights) sharded by torch.distributed.checkpoint, one file per
     # rank, inside the checkpoint and covered by its manifest
-    from icrt.train.checkpoint import verify_checkpoint
-
     ckpt = tmp_path / "fsdp" / "checkpoint-0"
     shards = sorted(p.name for p in (ckpt / "sharded").iterdir())
     assert sum(name.endswith(".distcp") for name in shards) == 2, shards
@@ -219,6 +227,80 @@ def test_fsdp_equals_ddp_on_two_gloo_ranks_and_resumes_exactly(reach_json, tmp_p
     assert torch.load(ckpt / "train_state.pt", weights_only=True)["optimizer"] is None
     policy, _ = load_policy(tmp_path / "fsdp")  # a plain checkpoint: no process group needed
     assert not any(hasattr(p, "full_tensor") for p in policy.parameters())
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (to name the leftovers of a killed save)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def _kill_torchrun(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun launcher and its workers at once, as a crash would, and wait until
+    they are gone. The workers run in sessions of their own: killing the launcher's process
+    group would leave them training."""
+    workers = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+               for pid in (task / "children").read_text().split()]
+    for pid in (*workers, proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers in /proc")
+def test_killed_fsdp_run_resumes_to_the_same_weights(reach_json, tmp_path):
+    """An FSDP run on 2 gloo ranks, killed (launcher and workers) after its first mid-epoch
+    checkpoint, resumes to the weights of the uninterrupted run, whatever the kill left: a
+    staging folder of half-written sharded state, a save killed before its manifest, and a
+    complete save killed before its rename (finished before any rank picks its checkpoint).
+    The diffusion head draws noise from each rank's own random stream, which resumes too."""
+    common = ("--shared-cfg.batch-size", "1", "--trainer-cfg.epochs", "2",
+              "--shared-cfg.save-every-steps", "2", "--trainer-cfg.strategy", "fsdp",
+              "--model-cfg.policy-cfg.decoder-pred-head", "diffusion")
+    _torchrun(tiny_args(reach_json, tmp_path / "full", *common))
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun_cmd(tiny_args(reach_json, run, *common)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while latest_checkpoint(run) is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # a few steps on (or in the middle of a sharded save)
+    _kill_torchrun(proc)
+    last = latest_checkpoint(run)
+    assert last is not None and last.name != "checkpoint-1", last
+    # the checkpoint to resume from: the newest complete one, or a complete save this kill
+    # interrupted before its rename
+    complete = [last, *(p for p in run.glob(".checkpoint-*.tmp-*")
+                         if (p / "manifest.json").is_file() and verify_checkpoint(p) is None)]
+    step = max(json.loads((p / "manifest.json").read_text())["step"] for p in complete)
+    # what a kill at other moments leaves, beside what this one left
+    dead = _dead_pid()
+    torn = run / f".checkpoint-step-1000.tmp-{dead}"  # killed before its manifest
+    shutil.copytree(last, torn)
+    (torn / "manifest.json").unlink()
+    staging = run / f".checkpoint-step-1001.dcp-{dead}"  # killed inside dcp.save
+    shutil.copytree(last / "sharded", staging)
+    (staging / ".metadata").unlink()
+    shard = next(staging.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    last.rename(run / f".{last.name}.tmp-{dead}")  # complete, killed before its rename
+    logged = len(run_metrics(run))
+
+    _torchrun(tiny_args(reach_json, run, *common, "--shared-cfg.resume", run))
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+    full = {r["step"]: r["train/loss"] for r in run_metrics(tmp_path / "full")
+            if "train/loss" in r}
+    resumed = {r["step"]: r["train/loss"] for r in run_metrics(run)[logged:] if "train/loss" in r}
+    assert min(resumed) == step + 1 and max(resumed) == max(full)  # from the completed save
+    assert all(resumed[s] == full[s] for s in resumed)
+    wa = load_file(str(tmp_path / "full" / "checkpoint-1" / "model.safetensors"))
+    wb = load_file(str(run / "checkpoint-1" / "model.safetensors"))
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow
@@ -241,6 +323,7 @@ def test_fsdp_lora_on_a_hugging_face_llama_saves_only_what_trains(reach_json, tm
     ckpt = tmp_path / "run" / "checkpoint-1"
     weights = load_file(str(ckpt / "model.safetensors"))
     assert not any(k.startswith("backbone.") and "lora_" not in k and "norm" not in k
+                   and not k.endswith(".bias")
                    for k in weights)
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -248,6 +331,7 @@ def test_fsdp_lora_on_a_hugging_face_llama_saves_only_what_trains(reach_json, tm
     model_keys = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
     assert any("lora_A" in k for k in model_keys)
     assert not any(k.startswith("backbone.") and "lora_" not in k and "norm" not in k
+                   and not k.endswith(".bias")
                    for k in model_keys), model_keys
     other = load_file(str(tmp_path / "resumed" / "checkpoint-1" / "model.safetensors"))
     for k in weights:
@@ -301,7 +385,8 @@ def test_pretrained_path_and_finetune_phase(reach_json, tmp_path):
                                  pre / "checkpoint-0.pth"))  # ICRT-style name resolves
     policy, _ = load_policy(train(cfg, progress=False))
     trainable = [n for n, p in policy.backbone.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or "norm" in n for n in trainable)
+    assert trainable and all("lora_" in n or "norm" in n or n.endswith(".bias")
+                              for n in trainable)
 
 
 def test_clear_errors(reach_json, tmp_path):
@@ -378,7 +463,7 @@ def test_icrt_command_lines_train_one_short_epoch(reach_json, tmp_path, index):
     if index == 4:  # the pretrained Llama was loaded and fine-tuned through LoRA adapters
         policy, _ = load_policy(run)
         backbone = policy.backbone.state_dict()
-        assert torch.equal(backbone["layers.0.feed_forward.w1.weight"],
+        assert torch.equal(backbone["layers.0.feed_forward.w1.base_layer.weight"],
                            llama["layers.0.feed_forward.w1.weight"])
         assert any("lora_A" in k for k in backbone)
 
@@ -407,7 +492,7 @@ def test_icrt_llama2_command_runs_unchanged_on_a_hugging_face_dir(reach_json, tm
              "--shared-cfg.num-pred-steps", "4", "--trainer-cfg.num-workers", "0"]
     policy, _ = load_policy(train(parse_config(args), progress=False))
     backbone = policy.backbone.state_dict()
-    assert torch.equal(backbone["layers.0.feed_forward.w1.weight"],
+    assert torch.equal(backbone["layers.0.feed_forward.w1.base_layer.weight"],
                        hf.model.layers[0].mlp.gate_proj.weight.detach())
     assert any("lora_A" in k for k in backbone)
 

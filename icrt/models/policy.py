@@ -78,9 +78,9 @@ class ICRTPolicy(nn.Module):
         self.spec = spec
         self.backbone = build_backbone(cfg, max_seq_len=2 * spec.max_timesteps)
         if cfg.phase == "finetune" and cfg.scratch_config is not None:
-            # ICRT's finetune phase: only LoRA adapters, norms and biases of the backbone train
+            # ICRT's finetune phase: only LoRA adapters, biases and norms of the backbone train
             apply_lora(self.backbone, cfg.lora_rank, cfg.lora_layer_idxs, cfg.lora_alpha,
-                       cfg.lora_dropout, cfg.lora_targets)
+                       cfg.lora_dropout, cfg.lora_targets, cfg.lora_bias)
         d = self.backbone.d_model
         self.d_model = d
         # low-dim MLP, or cameras pooled with the proprio token (timm loads only with cameras)

@@ -6,8 +6,9 @@
 ``config.json`` is the run's resolved :class:`~icrt.config.ExperimentConfig` as JSON;
 ``stats.json`` holds the :class:`~icrt.models.policy.PolicySpec` and the normaliser;
 ``train_state.pt`` holds only tensors and numbers (optimizer, step, RNG), never pickled objects.
-A LoRA run on a pretrained Llama (``--model-cfg.policy-cfg.llama-ckpt-dir``, finetune phase)
-leaves the frozen base weights out of ``model.safetensors`` (a 7B LoRA checkpoint is megabytes):
+A run on a pretrained Llama (``--model-cfg.policy-cfg.llama-ckpt-dir``) whose backbone is
+(partly) frozen -- the finetune phase's LoRA, or the pretrain phase's frozen backbone -- leaves
+the frozen base weights out of ``model.safetensors`` (a 7B LoRA checkpoint is megabytes):
 ``lora_base.json`` names the base directory and a fingerprint of its weights, and loading
 rebuilds the base from that directory and refuses one whose weights differ.
 A directory is first written under a temporary name, its files fsynced, and then renamed, so a
@@ -328,11 +329,12 @@ _EXPORT_SHAPE = "backbone_params.json"
 
 
 def lora_base_keys(model: ICRTPolicy) -> list[str]:
-    """State-dict keys of the frozen base weights of a LoRA run on a pretrained Llama
-    directory (empty for every other policy: their checkpoints are complete)."""
+    """State-dict keys of the frozen base weights of a run on a pretrained Llama directory:
+    all but the adapters, biases and norms in the finetune phase, the whole backbone in the
+    pretrain phase (empty for every other policy: their checkpoints are complete)."""
     cfg = model.cfg
-    if (cfg.phase != "finetune" or cfg.scratch_config is not None or not cfg.llama_ckpt_dir
-            or not cfg.load_llama):
+    if (cfg.phase not in ("finetune", "pretrain") or cfg.scratch_config is not None
+            or not cfg.llama_ckpt_dir or not cfg.load_llama):
         return []
     return sorted(f"backbone.{n}" for n, p in model.backbone.named_parameters()
                   if not p.requires_grad)
@@ -343,51 +345,72 @@ def base_fingerprint(state: dict[str, torch.Tensor], keys: list[str]) -> str:
     most 65,536 values each (of a model's state dict): tells base models apart without hashing
     gigabytes."""
     h = hashlib.sha256()
-    for k in keys:
+    for k in sorted(keys, key=_canonical):  # the same order for a LoRA-wrapped and a plain model
         t = state[k].detach()
         flat = t.flatten()
         sample = flat[:: max(1, flat.numel() // 65536)].float().cpu().contiguous()
-        h.update(f"{k.replace('.base_layer', '')}{tuple(t.shape)}".encode())
+        h.update(f"{_canonical(k)}{tuple(t.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
 
+def _canonical(key: str) -> str:
+    """A state-dict key without peft's ``.base_layer`` (a wrapped ``wq.weight``'s name)."""
+    return key.replace(".base_layer", "")
+
+
+def _new_in_finetune(model: ICRTPolicy, key: str) -> bool:
+    """Whether ``key`` is one of what the finetune phase adds to a backbone (LoRA adapters,
+    ICRT's biases), which start at zero."""
+    return "lora_" in key or (model.cfg.phase == "finetune" and key.startswith("backbone.")
+                              and key.endswith(".bias"))
+
+
 def load_checkpoint_weights(model: ICRTPolicy, ckpt: Checkpoint) -> None:
-    """Load a checkpoint's weights into ``model``; a LoRA-only checkpoint keeps the base
-    weights ``model`` loaded from its base directory, after checking they are the ones it was
-    trained on."""
+    """Load a checkpoint's weights into ``model``; a checkpoint without its frozen base keeps
+    the base weights ``model`` loaded from its base directory, after checking they are the ones
+    it was trained on (also across phases: a pretrain checkpoint initialises a finetune run)."""
     base = ckpt.lora_base()
     keys: list[str] = []
+    state = ckpt.state_dict()
     if base is not None:
-        keys = lora_base_keys(model)
-        if not keys:
+        phase = ckpt.config.model_cfg.policy_cfg.phase
+        held = "LoRA adapters" if phase == "finetune" else "the modules"
+        saved = {_canonical(k) for k in state}
+        keys = [k for k in model.state_dict() if k.startswith("backbone.")
+                and _canonical(k) not in saved and not _new_in_finetune(model, k)]
+        if not lora_base_keys(model):
             raise UserError(
-                f"Checkpoint '{ckpt.path}' holds LoRA adapters only; it needs its base model "
-                f"'{base.get('path')}' as --model-cfg.policy-cfg.llama-ckpt-dir in the finetune "
-                f"phase (or an export made with scripts/export.py --merge-lora).")
+                f"Checkpoint '{ckpt.path}' holds {held} trained around a frozen base model "
+                f"only; it needs its base model '{base.get('path')}' as "
+                f"--model-cfg.policy-cfg.llama-ckpt-dir in the {phase} phase (or an export made "
+                f"with scripts/export.py --merge-lora).")
         found = base_fingerprint(model.state_dict(), keys)
         if found != base.get("fingerprint"):
             raise UserError(
-                f"Checkpoint '{ckpt.path}' holds LoRA adapters trained on the base model "
+                f"Checkpoint '{ckpt.path}' holds {held} trained on the base model "
                 f"'{base.get('path')}' (fingerprint {str(base.get('fingerprint'))[:12]}), but "
                 f"the base loaded from '{model.cfg.llama_ckpt_dir}' has other weights "
                 f"(fingerprint {found[:12]}); use the original base model.")
-    load_weights(model, ckpt.state_dict(), str(ckpt.path), optional=keys)
+    load_weights(model, state, str(ckpt.path), optional=keys)
 
 
 def load_weights(model: ICRTPolicy, state: dict[str, torch.Tensor], source: str,
                  optional: list[str] | tuple[str, ...] = ()) -> None:
-    """Load weights strictly, except for LoRA adapters the checkpoint never had (and the
-    ``optional`` keys, which keep their current values).
+    """Load weights strictly, except for LoRA adapters and finetune-phase backbone biases the
+    checkpoint never had (both start at zero, so a plain checkpoint, or one saved before the
+    biases existed, loads into a finetune policy and computes what it computed), and the
+    ``optional`` keys, which keep their current values.
 
     peft renames a wrapped ``wq.weight`` to ``wq.base_layer.weight``; names are matched with
     that part removed, so a plain checkpoint loads into a LoRA-wrapped policy.
     """
     own = model.state_dict()
-    canonical = {k.replace(".base_layer", ""): k for k in own}
-    state = {canonical.get(k.replace(".base_layer", ""), k): v for k, v in state.items()}
+    canonical = {_canonical(k): k for k in own}
+    state = {canonical.get(_canonical(k), k): v for k, v in state.items()}
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in set(own) - set(state) - set(optional) if "lora_" not in k)
+    missing = sorted(k for k in set(own) - set(state) - set(optional)
+                     if not _new_in_finetune(model, k))
     if unexpected or missing:
         raise UserError(
             f"Weights in '{source}' do not fit this policy: missing {missing[:3]}, unexpected "
@@ -417,8 +440,9 @@ def check_compatible(spec: PolicySpec, other: PolicySpec, source: str, target: s
 def export_checkpoint(src: str | Path, out: str | Path, merge_lora: bool = False,
                       overwrite: bool = False) -> dict[str, Any]:
     """Write ``src`` as an inference-only checkpoint at ``out``; with ``merge_lora`` the
-    backbone's adapters are folded into its weights and the export stands alone (no base
-    model directory, no peft). Returns a summary."""
+    backbone's adapters are folded into its weights (its biases kept) and the export stands
+    alone (no base model directory, no peft; also for a frozen pretrained backbone without
+    adapters). Returns a summary."""
     from icrt.models.backbones.pretrained import merge_lora as merge
 
     out = Path(out)
@@ -429,8 +453,9 @@ def export_checkpoint(src: str | Path, out: str | Path, merge_lora: bool = False
     extra: dict[str, str] = {}
     merged = 0
     if merge_lora:
+        frozen_base = bool(lora_base_keys(model))
         merged = merge(model.backbone)
-        if not merged:
+        if not merged and not frozen_base:
             raise UserError(f"Checkpoint '{ckpt.path}' has no LoRA adapters to merge.")
         shape = {k: v for k, v in dataclasses.asdict(model.backbone.config).items()
                  if k != "max_seq_len" and v is not None}

@@ -212,6 +212,11 @@ def _start(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> _Run:
     if cfg.trainer_cfg.precision == "16-mixed" and info.device.type != "cuda":
         raise UserError("--trainer-cfg.precision 16-mixed needs CUDA; use bf16-mixed on the CPU.")
     run_dir = cfg.logging_cfg.run_dir
+    if info.is_main:
+        # before any rank picks the checkpoint to resume from: a save killed after its manifest
+        # but before its rename is completed here, and every rank must see the same checkpoints
+        remove_save_leftovers(run_dir)
+    dist.barrier()
     resume = None
     if cfg.shared_cfg.resume:
         resume = read_checkpoint(resume_checkpoint(cfg.shared_cfg.resume))
@@ -222,7 +227,6 @@ def _start(cfg: ExperimentConfig, info: dist.DistInfo, progress: bool) -> _Run:
         )
     if info.is_main:
         check_output_dir(run_dir, "The run directory")
-        remove_save_leftovers(run_dir)
     dist.barrier()
     return _Run(cfg, info, run_dir, progress, resume)
 
@@ -466,13 +470,16 @@ def _restore(run: _Run) -> None:
     # evaluation (which reads the checkpoint), so it can be one evaluation behind
     run.best_success = max(float(state.get("best_success", -1.0)), _best_success(run.run_dir))
     run.best_val = min(float(state.get("best_val", math.inf)), _best_val(run.run_dir))
-    torch.set_rng_state(state["rng_torch"])
-    if state.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    if state.get("rng_numpy") is not None:
-        np.random.set_state(_numpy_state(state["rng_numpy"]))
-    if state.get("rng_python") is not None:
-        random.setstate(_python_state(state["rng_python"]))
+    ranks = state.get("rng_ranks")
+    if run.info.distributed and ranks is not None and len(ranks) == run.info.world_size:
+        _set_rng_state(ranks[run.info.rank])
+    else:
+        if run.info.distributed:
+            log.warning("checkpoint %s holds the random state of %d rank(s), not of each of "
+                        "these %d: every rank continues from rank 0's (stochastic heads and "
+                        "augmentations do not resume exactly)", run.resume.path,
+                        len(ranks) if ranks else 1, run.info.world_size)
+        _set_rng_state(state)
     log.info("resuming from %s at epoch %d (batch %d), step %d", run.resume.path, run.epoch,
              run.skip_batches, run.step)
 
@@ -486,10 +493,14 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     run.train_ds.set_epoch(epoch)
     skip = run.skip_batches
     run.skip_batches = 0
+    # the loader's own generator, a function of (seed, rank, epoch): starting an epoch draws
+    # the workers' base seed from it, which from the global stream would shift the noise of
+    # every later step of a run resumed mid-epoch (it starts the epoch's loader a second time)
+    seed = int(np.random.SeedSequence([scfg.seed, info.rank, epoch]).generate_state(1)[0])
     loader = DataLoader(run.train_ds, batch_size=scfg.batch_size,
                         sampler=_SkipSampler(run.sampler, skip * scfg.batch_size),
                         num_workers=tcfg.num_workers, pin_memory=_pin(run), drop_last=True,
-                        collate_fn=collate)
+                        collate_fn=collate, generator=torch.Generator().manual_seed(seed))
     from tqdm import tqdm
 
     bar = tqdm(loader, desc=f"epoch {epoch}", initial=skip, total=run.batches_per_epoch,
@@ -601,6 +612,13 @@ def _checkpoint(run: _Run, epoch: int, ckpt_dir: Path, batches_done: int,
     gather the full weights and optimizer state with rank 0)."""
     weights = run.saved_weights = _full_state(run)
     sharded = _save_sharded(run, ckpt_dir) if _fsdp(run) else None
+    rng = _rng_state()
+    ranks_rng = None
+    if run.info.distributed:  # each rank draws its own noise (seeded seed + rank): keep them all
+        import torch.distributed as torch_dist
+
+        ranks_rng = [None] * run.info.world_size
+        torch_dist.all_gather_object(ranks_rng, rng)
     if run.info.is_main:
         state = {
             "epoch": epoch,
@@ -610,10 +628,8 @@ def _checkpoint(run: _Run, epoch: int, ckpt_dir: Path, batches_done: int,
             # under FSDP the optimizer state is in sharded/, one file per rank
             "optimizer": None if sharded else run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-            "rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "rng_numpy": _numpy_tensors(np.random.get_state()),
-            "rng_python": _python_tensors(random.getstate()),
+            **rng,  # rank 0's, as before; each rank's in rng_ranks when there are several
+            "rng_ranks": ranks_rng,
             "best_success": run.best_success,
             "best_val": run.best_val,
         }
@@ -660,6 +676,26 @@ def _save_best(run: _Run, ckpt_dir: Path, epoch: int, record: dict[str, Any]) ->
 
 
 # RNG states as tensors and numbers only (train_state.pt is loaded with weights_only=True).
+def _rng_state() -> dict[str, Any]:
+    """This process's random state: torch (and CUDA), numpy, Python."""
+    return {
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng_numpy": _numpy_tensors(np.random.get_state()),
+        "rng_python": _python_tensors(random.getstate()),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if state.get("rng_numpy") is not None:
+        np.random.set_state(_numpy_state(state["rng_numpy"]))
+    if state.get("rng_python") is not None:
+        random.setstate(_python_state(state["rng_python"]))
+
+
 def _numpy_tensors(state: tuple) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = state
     return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

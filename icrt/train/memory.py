@@ -19,15 +19,22 @@ with peft's LoRA adapters when ``lora_rank`` is set. Per device:
 
 :func:`measure_memory` counts the same four quantities on a real backbone on the CPU (the
 tensors autograd saves, through saved-tensor hooks), which the tests compare with the plan.
+:func:`measure_peak_memory` measures what those counts leave out: the peak resident memory a
+fresh process grows by over real training steps (allocator overhead, temporaries, everything).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from icrt.models.backbones.llama import LlamaBackbone, LlamaConfig
+from icrt.models.backbones.llama import PROJECTIONS, LlamaBackbone, LlamaConfig
 
 GB = 1024**3
 # Backbone shapes of ICRT's pretrained models (Meta's params.json values).
@@ -101,7 +108,7 @@ def plan_memory(
     tokens: int = 1024,
     precision: str = "bf16-mixed",
     lora_rank: int | None = None,
-    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo"),
+    lora_targets: tuple[str, ...] = PROJECTIONS,
     activation_checkpointing: bool = False,
 ) -> MemoryPlan:
     """Bytes per device of training ``cfg``'s backbone with AdamW (see the module docstring).
@@ -135,7 +142,7 @@ def plan_memory(
 
 def measure_memory(cfg: LlamaConfig, batch_size: int, tokens: int,
                    lora_rank: int | None = None, activation_checkpointing: bool = False,
-                   lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")) -> dict[str, int]:
+                   lora_targets: tuple[str, ...] = PROJECTIONS) -> dict[str, int]:
     """The same quantities counted on a real fp32 backbone on the CPU: parameter, gradient and
     AdamW-state bytes after one step, and the bytes of the tensors autograd saved during the
     forward pass (distinct storages, parameters excluded)."""
@@ -166,3 +173,75 @@ def measure_memory(cfg: LlamaConfig, batch_size: int, tokens: int,
         "optimizer": state,
         "activations": sum(saved.values()),
     }
+
+
+def measure_peak_memory(cfg: LlamaConfig, batch_size: int, tokens: int,
+                        lora_rank: int | None = None, activation_checkpointing: bool = False,
+                        lora_targets: tuple[str, ...] = PROJECTIONS) -> int:
+    """Bytes by which a fresh process's peak resident memory grows over two fp32 training
+    steps (forward, backward, AdamW step, ``zero_grad``) of ``cfg``'s backbone on the CPU,
+    the figure :func:`plan_memory` (precision ``32-true``, one device) plans.
+
+    Two steps, because from the second one on AdamW's moments exist during the forward and
+    backward pass, as in every later step. Measured in a subprocess, so nothing this process
+    allocated before hides the peak: its resident memory is read just before the backbone is
+    built (after a warm-up step of a one-block, 64-wide backbone of the same kind has loaded
+    the kernels and started the threads), and subtracted from the high-water mark
+    ``getrusage`` reports after the steps. The growth covers everything the steps allocate:
+    parameters, gradients, optimizer state, the tensors autograd saves, but also temporaries
+    (gradients flowing back, attention workspaces) and what the allocator keeps (glibc holds
+    freed blocks below its adaptive mmap threshold resident), which the plan leaves out; and
+    the plan adds activations and gradients although the backward pass frees the first as it
+    allocates the second. Linux only (reads ``/proc/self/statm``)."""
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError("measure_peak_memory reads /proc/self/statm and runs on Linux only.")
+    args = {"cfg": dataclasses.asdict(cfg), "batch_size": batch_size, "tokens": tokens,
+            "lora_rank": lora_rank, "activation_checkpointing": activation_checkpointing,
+            "lora_targets": list(lora_targets)}
+    code = ("import json, sys; from icrt.train.memory import _peak_growth; "
+            "print(json.dumps(_peak_growth(**json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring peak memory failed:\n{out.stderr[-2000:]}")
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _train_steps(cfg: LlamaConfig, batch_size: int, tokens: int, lora_rank: int | None,
+                 lora_targets: tuple[str, ...], checkpointing: bool, steps: int = 2) -> None:
+    model = _backbone(cfg, lora_rank, lora_targets, device="cpu",
+                      checkpointing=checkpointing).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    x = torch.randn(batch_size, tokens, cfg.dim)  # (B, T, D)
+    for _ in range(steps):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_growth(cfg: dict, batch_size: int, tokens: int, lora_rank: int | None,
+                 activation_checkpointing: bool, lora_targets: list[str]) -> int:
+    """The body of :func:`measure_peak_memory`, run in its fresh process."""
+    import gc
+    import resource  # Unix only
+
+    shape = LlamaConfig(**{**cfg, "bias_projections": tuple(cfg["bias_projections"])})
+    torch.manual_seed(0)
+    warm = dataclasses.replace(shape, dim=64, n_layers=1, n_heads=4, n_kv_heads=None,
+                               intermediate_size=None, multiple_of=32)
+    _train_steps(warm, batch_size, 8, lora_rank, tuple(lora_targets), activation_checkpointing)
+    gc.collect()
+    before = _rss_bytes()
+    high_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    _train_steps(shape, batch_size, tokens, lora_rank, tuple(lora_targets),
+                 activation_checkpointing)
+    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if high <= high_before:
+        raise RuntimeError(f"the steps did not raise the process's peak memory ({high} bytes "
+                           f"before and after); the shape is too small to measure.")
+    return high - before

@@ -12,8 +12,9 @@ Backbone = LlamaBackbone
 
 def build_backbone(policy_cfg: PolicyConfig, max_seq_len: int) -> Backbone:
     """The policy's backbone: a randomly initialised Llama of the shape in
-    ``scratch_llama_config`` (takes precedence; ICRT's small shape by default), else the
-    pretrained checkpoint in ``llama_ckpt_dir`` (LoRA-wrapped in the finetune phase).
+    ``scratch_llama_config`` (takes precedence; ICRT's small shape by default; the policy
+    LoRA-wraps it in the finetune phase), else the pretrained checkpoint in ``llama_ckpt_dir``
+    (LoRA-wrapped in the finetune phase, frozen in pretrain, trainable in full).
     ``backbone.d_model`` is its width.
     """
     if policy_cfg.scratch_config is not None:
@@ -30,6 +31,7 @@ def build_backbone(policy_cfg: PolicyConfig, max_seq_len: int) -> Backbone:
         lora_dropout=policy_cfg.lora_dropout,
         lora_targets=policy_cfg.lora_targets,
         load_weights=policy_cfg.load_llama,
+        lora_bias=policy_cfg.lora_bias,
     )
     backbone.gradient_checkpointing = policy_cfg.gradient_checkpointing
     return backbone

@@ -16,8 +16,10 @@ for decoding:
   ``torch.ops.aten._weight_int8pack_mm`` on bf16 activations, bf16 KV cache).
 
 The decoder copies the weights when it is built (LoRA adapters merged, through the wrapped
-modules themselves); :meth:`stale` tells when the backbone's parameters changed since, so a
-policy can rebuild it (PPO workers load new weights every update).
+modules themselves; the finetune phase's biases added after each projection, fused like the
+weights with zeros for the bias-free ones); :meth:`stale` tells when the backbone's
+parameters changed since, so a policy can rebuild it (PPO workers load new weights every
+update).
 
     dec = Decoder(backbone, max_len=1024, dtype="int8")
     h = dec(x_prompt)          # (1, P, D) -> (1, P, D) fp32, positions 0..P-1
@@ -60,29 +62,45 @@ def activation_dtype(weight_dtype: str) -> torch.dtype:
     return torch.float32 if weight_dtype == "float32" else torch.bfloat16
 
 
-def _weight(module: nn.Module) -> Tensor:
-    """The (out, in) matrix a bias-free linear module computes, LoRA adapters included.
+def _linear(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The (out, in) matrix W and the (out,) bias b (None when it has none) of the affine map
+    ``x -> W x + b`` a linear module computes, LoRA adapters included.
 
-    A plain ``nn.Linear`` gives its weight; a wrapped one (peft's LoRA) is applied to the
-    identity, which is exactly what it computes, merged."""
+    A plain ``nn.Linear`` gives its parameters; a wrapped one (peft's LoRA) is applied to the
+    identity and to zero, which is exactly what it computes, merged: f(0) = b and
+    f(I) = W.T + b."""
     if type(module) is nn.Linear:
-        if module.bias is not None:
-            raise UserError("The decoder supports bias-free projections only (Llama has none).")
-        return module.weight.detach().float()
+        b = None if module.bias is None else module.bias.detach().float()
+        return module.weight.detach().float(), b
     base = getattr(module, "base_layer", module)
     n_in = base.in_features
     p = next(base.parameters())
     eye = torch.eye(n_in, device=p.device, dtype=p.dtype)
     with torch.no_grad():
-        return module(eye).float().t().contiguous()
+        zero = module(torch.zeros_like(eye[:1])).float()  # (1, out)
+        w = (module(eye).float() - zero).t().contiguous()
+    return w, None if getattr(base, "bias", None) is None else zero[0]
+
+
+def _fused(*linears: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    """Projections stacked along their outputs; the bias is None only when none has one
+    (the bias-free ones contribute zeros)."""
+    w = torch.cat([lin[0] for lin in linears])
+    if all(lin[1] is None for lin in linears):
+        return w, None
+    return w, torch.cat([torch.zeros(len(lw), device=lw.device) if b is None else b
+                         for lw, b in linears])
 
 
 class _Projection:
-    """One (possibly fused) bias-free projection in the decoder's weight dtype: ``w`` is the
-    float weight, or the int8 weight with its per-output-channel ``scale``."""
+    """One (possibly fused) projection in the decoder's weight dtype: ``w`` is the float
+    weight, or the int8 weight with its per-output-channel ``scale``; ``b`` the optional bias
+    in the activation dtype."""
 
-    def __init__(self, weight: Tensor, dtype: str) -> None:
+    def __init__(self, linear: tuple[Tensor, Tensor | None], dtype: str) -> None:
+        weight, bias = linear
         self.scale: Tensor | None = None
+        self.b = None if bias is None else bias.to(activation_dtype(dtype)).contiguous()
         if dtype == "int8":
             scale = weight.abs().amax(1).clamp(min=1e-12) / 127.0  # symmetric, per channel
             self.w = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -92,41 +110,44 @@ class _Projection:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        extra = sum(t.numel() * t.element_size() for t in (self.scale, self.b) if t is not None)
         return self.w.numel() * self.w.element_size() + extra
 
 
-def _project(x: Tensor, w: Tensor, scale: Tensor | None, packed: bool) -> Tensor:
-    """x (N, in) @ w.T: float weights, or int8 weights times their scales (``packed``: the
-    int8 matrix-vector kernel, else dequantised per call where the device lacks it)."""
+def _project(x: Tensor, w: Tensor, scale: Tensor | None, packed: bool,
+             b: Tensor | None = None) -> Tensor:
+    """x (N, in) @ w.T (+ b): float weights, or int8 weights times their scales (``packed``:
+    the int8 matrix-vector kernel, else dequantised per call where the device lacks it)."""
     if scale is None:
-        return F.linear(x, w)
+        return F.linear(x, w, b)
     if packed:
-        return torch.ops.aten._weight_int8pack_mm(x, w, scale)
-    return F.linear(x, w.to(x.dtype)) * scale
+        y = torch.ops.aten._weight_int8pack_mm(x, w, scale)
+    else:
+        y = F.linear(x, w.to(x.dtype)) * scale
+    return y if b is None else y + b
 
 
-def _block_in(h: Tensor, norm: Tensor, w: Tensor, scale: Tensor | None, rope: Tensor,
-              eps: float, B: int, H: int, Hkv: int, hd: int, packed: bool
+def _block_in(h: Tensor, norm: Tensor, w: Tensor, scale: Tensor | None, b: Tensor | None,
+              rope: Tensor, eps: float, B: int, H: int, Hkv: int, hd: int, packed: bool
               ) -> tuple[Tensor, Tensor, Tensor]:
     """RMSNorm, fused q/k/v projection, rotary embedding: h (B*T, D) -> q (B, H, T, hd),
     k and v (B, Hkv, T, hd)."""
     T = h.shape[0] // B
-    qkv = _project(F.rms_norm(h, (h.shape[-1],), norm, eps), w, scale, packed)
+    qkv = _project(F.rms_norm(h, (h.shape[-1],), norm, eps), w, scale, packed, b)
     qkv = qkv.view(B, T, H + 2 * Hkv, hd)
     qk = apply_rope(qkv[:, :, : H + Hkv], rope)  # (B, T, H + Hkv, hd)
     return (qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2),
             qkv[:, :, H + Hkv:].transpose(1, 2))
 
 
-def _block_out(h: Tensor, o: Tensor, wo: Tensor, so: Tensor | None, norm: Tensor,
-               w13: Tensor, s13: Tensor | None, w2: Tensor, s2: Tensor | None, eps: float,
-               packed: bool) -> Tensor:
+def _block_out(h: Tensor, o: Tensor, wo: Tensor, so: Tensor | None, bo: Tensor | None,
+               norm: Tensor, w13: Tensor, s13: Tensor | None, b13: Tensor | None, w2: Tensor,
+               s2: Tensor | None, b2: Tensor | None, eps: float, packed: bool) -> Tensor:
     """Attention output projection and residual, then RMSNorm, SwiGLU and residual."""
-    h = h + _project(o, wo, so, packed)
-    g = _project(F.rms_norm(h, (h.shape[-1],), norm, eps), w13, s13, packed)
+    h = h + _project(o, wo, so, packed, bo)
+    g = _project(F.rms_norm(h, (h.shape[-1],), norm, eps), w13, s13, packed, b13)
     gate, up = g.chunk(2, dim=-1)
-    return h + _project(F.silu(gate) * up, w2, s2, packed)
+    return h + _project(F.silu(gate) * up, w2, s2, packed, b2)
 
 
 _INT8PACK: dict[str, bool] = {}
@@ -150,11 +171,10 @@ def _int8pack_ok(device: torch.device) -> bool:
 class _Block:
     def __init__(self, layer: nn.Module, dtype: str) -> None:
         att, ffn = layer.attention, layer.feed_forward
-        self.qkv = _Projection(torch.cat([_weight(att.wq), _weight(att.wk), _weight(att.wv)]),
-                               dtype)
-        self.wo = _Projection(_weight(att.wo), dtype)
-        self.w13 = _Projection(torch.cat([_weight(ffn.w1), _weight(ffn.w3)]), dtype)
-        self.w2 = _Projection(_weight(ffn.w2), dtype)
+        self.qkv = _Projection(_fused(_linear(att.wq), _linear(att.wk), _linear(att.wv)), dtype)
+        self.wo = _Projection(_linear(att.wo), dtype)
+        self.w13 = _Projection(_fused(_linear(ffn.w1), _linear(ffn.w3)), dtype)
+        self.w2 = _Projection(_linear(ffn.w2), dtype)
         act = activation_dtype(dtype)
         self.attention_norm = layer.attention_norm.weight.detach().to(act)
         self.ffn_norm = layer.ffn_norm.weight.detach().to(act)
@@ -270,8 +290,8 @@ class Decoder:
                                else (_block_in, _block_out))
         h = x.to(self.dtype).reshape(B * T, D)
         for i, b in enumerate(self.blocks):
-            q, k, v = block_in(h, b.attention_norm, b.qkv.w, b.qkv.scale, rope, self.eps, B,
-                               H, Hkv, hd, self.packed)
+            q, k, v = block_in(h, b.attention_norm, b.qkv.w, b.qkv.scale, b.qkv.b, rope,
+                               self.eps, B, H, Hkv, hd, self.packed)
             self.k[i, :, :, start:end] = k
             self.v[i, :, :, start:end] = v
             k, v = self.k[i, :, :, :end], self.v[i, :, :, :end]  # (B, Hkv, S, hd)
@@ -282,8 +302,8 @@ class Decoder:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and T > 1,
                                                    enable_gqa=Hkv != H)
             h = block_out(h, o.transpose(1, 2).reshape(B * T, H * hd), b.wo.w, b.wo.scale,
-                          b.ffn_norm, b.w13.w, b.w13.scale, b.w2.w, b.w2.scale, self.eps,
-                          self.packed)
+                          b.wo.b, b.ffn_norm, b.w13.w, b.w13.scale, b.w13.b, b.w2.w, b.w2.scale,
+                          b.w2.b, self.eps, self.packed)
         self.length = end
         self.position = p0 + T
         return F.rms_norm(h, (D,), self.norm, self.eps).float().view(B, T, D)

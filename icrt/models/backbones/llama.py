@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ def attention_backend(q: Tensor) -> str:
 
 # --------------------------------------------------------------------------------- config
 
+# A block's projections, by Meta's names: attention, then the SwiGLU feed-forward.
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -92,6 +95,9 @@ class LlamaConfig:
     # SwiGLU width given outright (Hugging Face configs' intermediate_size); default: Meta's
     # rounding of multiple_of and ffn_dim_multiplier.
     intermediate_size: int | None = None
+    # Projections (of PROJECTIONS) that carry an additive bias. Llama has none; ICRT's bias
+    # tuning (finetune phase) adds them, and a merged LoRA export keeps them.
+    bias_projections: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
@@ -112,6 +118,10 @@ class LlamaConfig:
         if self.ffn_hidden_dim < 1:
             raise ValueError(f"ffn_dim_multiplier {self.ffn_dim_multiplier} leaves the "
                              f"feed-forward layers no width.")
+        unknown = [p for p in self.bias_projections if p not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"bias_projections names '{unknown[0]}', not one of "
+                             f"{' '.join(PROJECTIONS)}.")
 
     @property
     def head_dim(self) -> int:
@@ -160,6 +170,8 @@ class LlamaConfig:
         for key, value in kwargs.items():
             if not _json_value_ok(key, value):
                 raise UserError(f"Llama params file '{path}': {key} has invalid value {value!r}.")
+        if "bias_projections" in kwargs:
+            kwargs["bias_projections"] = tuple(kwargs["bias_projections"])
         try:
             return cls(**kwargs, max_seq_len=max_seq_len)
         except ValueError as e:
@@ -170,6 +182,8 @@ def _json_value_ok(key: str, value: Any) -> bool:
     """Type check of a params.json value (bools are not ints here)."""
     if key == "use_scaled_rope":
         return isinstance(value, bool)
+    if key == "bias_projections":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if isinstance(value, bool):
         return False
     if key in ("n_kv_heads", "ffn_dim_multiplier") and value is None:
@@ -352,10 +366,11 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        biased = cfg.bias_projections
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias="wq" in biased)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias="wk" in biased)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias="wv" in biased)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias="wo" in biased)
 
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None,
                 mask: Tensor | None = None) -> Tensor:
@@ -403,11 +418,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, biased: Sequence[str] = ()) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden_dim, bias="w1" in biased)
+        self.w2 = nn.Linear(hidden_dim, dim, bias="w2" in biased)
+        self.w3 = nn.Linear(dim, hidden_dim, bias="w3" in biased)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -419,7 +434,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention = Attention(cfg, layer_idx)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.bias_projections)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -449,16 +464,38 @@ class LlamaBackbone(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2/nanoGPT init: N(0, 0.02), residual output projections (wo, w2) scaled by
-        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth;
+        biases (``bias_projections``) start at zero."""
         std = 0.02
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=out_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
+
+    def add_biases(self, names: Sequence[str]) -> None:
+        """Give the projections ``names`` (of PROJECTIONS) of every block a zero bias, so the
+        backbone computes the same function until they train (ICRT's bias tuning); the config
+        records them, so the shape of a saved backbone says which projections are biased."""
+        unknown = [n for n in names if n not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"No projection '{unknown[0]}'; choose from {' '.join(PROJECTIONS)}.")
+        have = set(self.config.bias_projections)
+        for layer in self.layers:
+            for name in sorted(set(names) - have):
+                owner = layer.attention if name in PROJECTIONS[:4] else layer.feed_forward
+                linear = getattr(owner, name)
+                linear = getattr(linear, "base_layer", linear)  # under a peft LoRA wrapper
+                w = linear.weight
+                linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        biased = have | set(names)
+        self.config = dataclasses.replace(
+            self.config, bias_projections=tuple(p for p in PROJECTIONS if p in biased))
 
     def _rope(self, device: torch.device, length: int = 0) -> Tensor:
         """The rotary table on ``device`` (moved once, like Meta's ``freqs_cis``), extended to

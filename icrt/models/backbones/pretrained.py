@@ -14,9 +14,14 @@ The token embedding and vocabulary projection (``tok_embeddings``/``embed_tokens
 ``output``/``lm_head``) and cached rotary tables are dropped: the policy feeds its own
 embeddings.
 
-For the ``finetune`` phase peft's LoRA adapters are injected in place into the attention
-projections, so the result is still a ``LlamaBackbone`` (same forward, same cache) whose only
-trainable parameters are the adapters, the RMSNorm weights and biases (Llama has none).
+Phases, as ICRT trains a pretrained Llama (``--model-cfg.policy-cfg.phase``):
+
+* ``finetune``: peft's LoRA adapters are injected in place into all seven projections and,
+  with ICRT's bias tuning, zero biases added to wq, wo, w1, w2 and w3, so the result is still
+  a ``LlamaBackbone`` (same forward, same cache) whose only trainable parameters are the
+  adapters, those biases and the RMSNorm weights;
+* ``pretrain``: the backbone is frozen (only the policy's modules around it train);
+* ``full``: every weight trains (full fine-tuning; not in ICRT).
 """
 
 from __future__ import annotations
@@ -30,17 +35,19 @@ import torch
 from torch import Tensor
 
 from icrt.errors import UserError
-from icrt.models.backbones.llama import LlamaBackbone, LlamaConfig
+from icrt.models.backbones.llama import PROJECTIONS, LlamaBackbone, LlamaConfig
 
 # Checkpoint entries the backbone has no use for.
 _DROPPED_PREFIXES = ("tok_embeddings.", "output.", "rope.freqs")
-# The attention projections that get LoRA adapters by default (ICRT's choice).
-LORA_TARGETS = ("wq", "wk", "wv", "wo")
+# ICRT's LoRA: adapters on every projection of a block, attention and feed-forward.
+LORA_TARGETS = PROJECTIONS
+# ICRT's bias tuning: the projections that get a trainable zero bias (wk and wv stay bias-free).
+BIAS_PROJECTIONS = ("wq", "wo", "w1", "w2", "w3")
+PHASES = ("pretrain", "finetune", "full")
 # Hugging Face's names of the projections, and where each lives in a block.
 _HF_PROJ = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
             "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-_PROJ_MODULE = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-                "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+_PROJ_MODULE = {p: "attention" if p in PROJECTIONS[:4] else "feed_forward" for p in PROJECTIONS}
 
 
 def _find_shard(ckpt_dir: Path) -> Path:
@@ -199,10 +206,13 @@ def lora_target_pattern(layer_idxs: Sequence[int] | None,
 
 def apply_lora(
     backbone: LlamaBackbone, rank: int, layer_idxs: Sequence[int] | None = None,
-    alpha: float = 8.0, dropout: float = 0.0, targets: Sequence[str] = LORA_TARGETS,
+    alpha: float | None = None, dropout: float = 0.0, targets: Sequence[str] = LORA_TARGETS,
+    bias: bool = True,
 ) -> LlamaBackbone:
-    """Inject LoRA adapters (peft) into the projections ``targets`` of ``layer_idxs`` and
-    freeze everything except the adapters, the norms and any biases. In place; returns it."""
+    """Inject LoRA adapters (peft) into the projections ``targets`` of ``layer_idxs``, with
+    ``bias`` add ICRT's zero biases to BIAS_PROJECTIONS of every layer, and freeze everything
+    except the adapters, the norms and the biases. The update is scaled by alpha / rank
+    (``alpha`` None: rank, i.e. 1, ICRT's). In place; returns it."""
     from peft import LoraConfig, inject_adapter_in_model
 
     n_layers = backbone.config.n_layers
@@ -215,9 +225,12 @@ def apply_lora(
             )
     if rank < 1:
         raise UserError(f"LoRA rank must be >= 1 (got {rank}).")
-    # B starts at zero, so the wrapped backbone starts out computing exactly what the
-    # checkpoint computes.
-    lora_cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+    # B and the biases start at zero, so the wrapped backbone starts out computing exactly what
+    # the checkpoint computes.
+    if bias:
+        backbone.add_biases(BIAS_PROJECTIONS)
+    lora_cfg = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha,
+                          lora_dropout=dropout,
                           target_modules=lora_target_pattern(layer_idxs, targets))
     inject_adapter_in_model(lora_cfg, backbone)
     for name, p in backbone.named_parameters():
@@ -230,20 +243,21 @@ def load_pretrained_llama(
     max_seq_len: int,
     lora_rank: int = 4,
     lora_layer_idxs: Sequence[int] | None = None,
-    phase: Literal["pretrain", "finetune"] = "finetune",
-    lora_alpha: float = 8.0,
+    phase: Literal["pretrain", "finetune", "full"] = "finetune",
+    lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     lora_targets: Sequence[str] = LORA_TARGETS,
     load_weights: bool = True,
+    lora_bias: bool = True,
 ) -> LlamaBackbone:
     """A backbone with a checkpoint's weights (its shape with random weights when not
-    ``load_weights``, ICRT's ``--no-load-llama``); LoRA-wrapped when ``phase`` is finetune,
-    fully trainable when it is pretrain."""
+    ``load_weights``, ICRT's ``--no-load-llama``), trainable as ``phase`` says: finetune
+    LoRA-wrapped (see :func:`apply_lora`), pretrain frozen (as ICRT), full all of it."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"Llama checkpoint directory '{ckpt_dir}' does not exist.")
-    if phase not in ("pretrain", "finetune"):
-        raise UserError(f"Unknown phase '{phase}'; use pretrain or finetune.")
+    if phase not in PHASES:
+        raise UserError(f"Unknown phase '{phase}'; use {', '.join(PHASES)}.")
     params = ckpt_dir / "params.json"
     if params.is_file():  # Meta's layout
         cfg = LlamaConfig.from_json(params, max_seq_len=max_seq_len)
@@ -260,7 +274,10 @@ def load_pretrained_llama(
     if state is not None:
         _load_checked(backbone, state, shard)
     if phase == "finetune":
-        apply_lora(backbone, lora_rank, lora_layer_idxs, lora_alpha, lora_dropout, lora_targets)
+        apply_lora(backbone, lora_rank, lora_layer_idxs, lora_alpha, lora_dropout, lora_targets,
+                   lora_bias)
+    elif phase == "pretrain":  # ICRT trains only its own modules around a pretrained Llama
+        backbone.requires_grad_(False)
     return backbone
 
 
@@ -286,7 +303,8 @@ def _load_checked(backbone: LlamaBackbone, state: dict[str, Tensor], shard: Path
 
 def merge_lora(backbone: LlamaBackbone) -> int:
     """Fold every LoRA adapter into its projection's weight and drop the adapter modules (the
-    backbone then computes the same function as a plain one); returns how many were merged."""
+    backbone then computes the same function as a plain one of its config, biases included);
+    returns how many were merged."""
     from peft.tuners.lora import LoraLayer
 
     merged = 0
@@ -307,7 +325,9 @@ def _preview(keys: list[str], n: int = 3) -> str:
 
 
 __all__ = [
+    "BIAS_PROJECTIONS",
     "LORA_TARGETS",
+    "PHASES",
     "apply_lora",
     "load_hf_llama_state_dict",
     "load_llama_state_dict",
@@ -323,6 +343,10 @@ def hf_llama_config(cfg: LlamaConfig, **overrides: Any) -> Any:
     compare against or export to ``transformers.LlamaModel``; its token embedding is unused,
     the backbone is fed hidden states directly. Needs ``transformers`` (the bench extra)."""
     from transformers import LlamaConfig as HFLlamaConfig
+
+    if cfg.bias_projections:
+        raise UserError(f"transformers' Llama has no biases on single projections; this backbone "
+                        f"has them on {' '.join(cfg.bias_projections)}.")
 
     kwargs = dict(
         vocab_size=8,
