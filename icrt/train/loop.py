@@ -346,7 +346,9 @@ def _fsdp(run: _Run) -> bool:
 def _shard(model: ICRTPolicy, precision: str) -> None:
     """FSDP2: each backbone block is its own unit (its weights are gathered just for its
     forward and backward), the rest of the policy the root unit. bf16-mixed computes in bf16
-    and reduces gradients in fp32; fp32 master weights stay sharded."""
+    and reduces gradients in fp32; fp32 master weights stay sharded. Forward inputs are left
+    as they come (``cast_forward_inputs=False``): the training step's autocast casts what each
+    operation computes on, as under DDP, so targets and the rotary table stay fp32."""
     import torch.distributed as torch_dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -355,7 +357,8 @@ def _shard(model: ICRTPolicy, precision: str) -> None:
             torch_dist.broadcast(t.data, src=0)
     mp = MixedPrecisionPolicy()
     if precision == "bf16-mixed":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in model.backbone.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)

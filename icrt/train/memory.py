@@ -186,13 +186,14 @@ def measure_peak_memory(cfg: LlamaConfig, batch_size: int, tokens: int,
     backward pass, as in every later step. Measured in a subprocess, so nothing this process
     allocated before hides the peak: its resident memory is read just before the backbone is
     built (after a warm-up step of a one-block, 64-wide backbone of the same kind has loaded
-    the kernels and started the threads), and subtracted from the high-water mark
-    ``getrusage`` reports after the steps. The growth covers everything the steps allocate:
-    parameters, gradients, optimizer state, the tensors autograd saves, but also temporaries
-    (gradients flowing back, attention workspaces) and what the allocator keeps (glibc holds
-    freed blocks below its adaptive mmap threshold resident), which the plan leaves out; and
+    the kernels and started the threads), and subtracted from the high-water mark the
+    process reports (``VmHWM``) after the steps. The growth covers everything the steps
+    allocate: parameters, gradients, optimizer state, the tensors autograd saves, but also
+    temporaries (gradients flowing back, attention workspaces) and what the allocator keeps
+    (glibc holds freed blocks below its adaptive mmap threshold resident), which the plan
+    leaves out; and
     the plan adds activations and gradients although the backward pass frees the first as it
-    allocates the second. Linux only (reads ``/proc/self/statm``)."""
+    allocates the second. Linux only (reads ``/proc/self/statm`` and ``/proc/self/status``)."""
     if not sys.platform.startswith("linux"):
         raise RuntimeError("measure_peak_memory reads /proc/self/statm and runs on Linux only.")
     args = {"cfg": dataclasses.asdict(cfg), "batch_size": batch_size, "tokens": tokens,
@@ -224,11 +225,21 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark (``VmHWM``). Unlike ``getrusage``'s
+    ``ru_maxrss``, which a child inherits from a larger parent across fork and exec, it
+    starts afresh with the process's own address space."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line.")
+
+
 def _peak_growth(cfg: dict, batch_size: int, tokens: int, lora_rank: int | None,
                  activation_checkpointing: bool, lora_targets: list[str]) -> int:
     """The body of :func:`measure_peak_memory`, run in its fresh process."""
     import gc
-    import resource  # Unix only
 
     shape = LlamaConfig(**{**cfg, "bias_projections": tuple(cfg["bias_projections"])})
     torch.manual_seed(0)
@@ -237,10 +248,10 @@ def _peak_growth(cfg: dict, batch_size: int, tokens: int, lora_rank: int | None,
     _train_steps(warm, batch_size, 8, lora_rank, tuple(lora_targets), activation_checkpointing)
     gc.collect()
     before = _rss_bytes()
-    high_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    high_before = _peak_rss_bytes()
     _train_steps(shape, batch_size, tokens, lora_rank, tuple(lora_targets),
                  activation_checkpointing)
-    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    high = _peak_rss_bytes()
     if high <= high_before:
         raise RuntimeError(f"the steps did not raise the process's peak memory ({high} bytes "
                            f"before and after); the shape is too small to measure.")
