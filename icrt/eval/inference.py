@@ -168,6 +168,36 @@ class InContextPolicy:
             tokens.append(self.model.interleave(s, a)[0])
         return torch.cat(tokens)
 
+    @torch.no_grad()
+    def teacher_forced(self, demos: Sequence[Mapping[str, np.ndarray]],
+                       episode: Mapping[str, np.ndarray], steps: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Replay the first ``steps`` steps of a recorded ``episode`` after ``demos`` as the
+        prompt, with the episode's own actions in context (teacher forcing), and return the
+        first action of each predicted chunk and the recorded action, both (N, A) normalised.
+
+        One forward pass with the training mask; a prompt too long for the context keeps its
+        most recent steps. Used by :mod:`icrt.eval.probe` to ask whether a policy reads its
+        prompt without running a simulator."""
+        key = self.spec.action_keys[0]
+        n = min(int(steps), len(episode[key]), self.spec.max_timesteps)
+        if n < 1:
+            raise UserError("teacher_forced needs at least one query step.")
+        query = {k: np.asarray(v)[:n] for k, v in episode.items()}
+        self._check_keys(query, "the query episode", need_action=True)
+        prompt = self.demo_tokens(demos)  # (2 Tp, D)
+        prompt = prompt[len(prompt) - min(len(prompt), self.max_tokens - 2 * n):]
+        target = self._action_inputs(self.codec.actions(query, n))  # (1, n, A)
+        states = self.model.state_tokens(self._obs_tensors(query, n))
+        tokens = torch.cat([prompt, self.model.interleave(
+            states, self.model.action_tokens(target))[0]])[None]
+        steps_idx = torch.arange(tokens.shape[1], device=self.device) // 2
+        is_prompt = torch.arange(tokens.shape[1], device=self.device) < len(prompt)
+        mask = context_mask(steps_idx[None], is_prompt[None], window=self.window)
+        hidden = self.model.backbone(tokens, mask=mask)[0, len(prompt)::2]  # (n, D)
+        chunk = self.model.predict_chunk(hidden, generator=self._generator, deterministic=True)
+        return chunk[:, 0].float().cpu().numpy(), target[0].float().cpu().numpy()
+
     # ------------------------------------------------------------------ acting
 
     @torch.no_grad()
