@@ -111,7 +111,7 @@ ICG_EVAL := --checkpoint $(ICG_RUN) --env robosuite --tasks $(ICG_HELDOUT) --epi
 	--workers 2
 
 icg: $(STAMP)
-	$(PY) scripts/collect.py --env robosuite --tasks $(ICG_TRAIN) --episodes-per-task 30 \
+	$(PY) scripts/collect.py --env robosuite --tasks $(ICG_TRAIN) --episodes-per-task 60 \
 	    --prompt-episodes-per-task 5 --workers 2 --seed 0 --out data/icg.zarr --overwrite
 	$(PY) scripts/collect.py --env robosuite --tasks $(ICG_HELDOUT) --episodes-per-task 10 \
 	    --train-split 1.0 --workers 2 --seed 0 --out data/icg_heldout.zarr --overwrite
@@ -119,10 +119,16 @@ icg: $(STAMP)
 	$(PY) scripts/train.py --dataset-cfg.dataset-json data/icg.json \
 	    --model-cfg.policy-cfg.scratch-llama-config config/model_config/mini.json \
 	    --shared-cfg.seq-length 384 --shared-cfg.num-pred-steps 4 --shared-cfg.batch-size 8 \
-	    --trainer-cfg.accum-iter 1 --trainer-cfg.epochs 40 --trainer-cfg.num-workers 0 \
-	    --optimizer-cfg.lr 1e-3 --optimizer-cfg.warmup-epochs 1 \
-	    --dataset-cfg.non-overlapping 64 --shared-cfg.save-every 10 \
+	    --trainer-cfg.accum-iter 1 --trainer-cfg.max-steps 4000 --trainer-cfg.epochs 100 \
+	    --trainer-cfg.num-workers 0 --optimizer-cfg.lr 1e-3 --optimizer-cfg.warmup-epochs 1 \
+	    --dataset-cfg.non-overlapping 64 --shared-cfg.save-every-steps 500 \
+	    --model-cfg.policy-cfg.no-prompt-loss --model-cfg.policy-cfg.step-weight 5 \
+	    --dataset-cfg.num-weighted-steps 50 \
 	    --logging-cfg.output-dir runs --logging-cfg.log-name icg --logging-cfg.no-wandb
+	$(PY) scripts/probe_prompt.py --checkpoint $(ICG_RUN) --dataset data/icg_heldout.json \
+	    --out $(ICG_RUN)/probe_heldout.json
+	$(PY) scripts/probe_prompt.py --checkpoint $(ICG_RUN) --dataset data/icg_prompts.json \
+	    --out $(ICG_RUN)/probe_train_pairs.json
 	$(PY) scripts/eval.py $(ICG_EVAL) --no-prompt --out $(ICG_RUN)/heldout_noprompt.json
 	$(PY) scripts/eval.py $(ICG_EVAL) --prompt-dataset data/icg_heldout.json --num-prompts 1 \
 	    --out $(ICG_RUN)/heldout_1prompt.json --baseline $(ICG_RUN)/heldout_noprompt.json
@@ -130,10 +136,10 @@ icg: $(STAMP)
 	    --prompt-tasks $(ICG_MISMATCH) --out $(ICG_RUN)/heldout_mismatched.json
 	for k in 2 3; do $(PY) scripts/eval.py $(ICG_EVAL) --prompt-dataset data/icg_heldout.json \
 	    --num-prompts $$k --out $(ICG_RUN)/heldout_$${k}prompt.json || exit 1; done
-	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 5 \
+	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 2 \
 	    --workers 2 --prompt-dataset data/icg_prompts.json --num-prompts 1 \
 	    --out $(ICG_RUN)/train_pairs_1prompt.json
-	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 5 \
+	$(PY) scripts/eval.py --checkpoint $(ICG_RUN) --env robosuite --episodes-per-task 2 \
 	    --workers 2 --no-prompt --out $(ICG_RUN)/train_pairs_noprompt.json
 
 # MWH: Meta-World held-out tasks. Trained on 35 Meta-World v3 tasks; five others, chosen by us
