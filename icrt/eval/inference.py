@@ -159,14 +159,19 @@ class InContextPolicy:
         tokens = [torch.zeros(0, self.model.d_model, device=self.device)]
         for i, demo in enumerate(demos):
             self._check_keys(demo, f"prompt demonstration {i}", need_action=True)
-            T = len(demo[self.spec.action_keys[0]])
-            obs = self._obs_tensors(demo, T)
-            actions = self._action_inputs(self.codec.actions(demo, T))
-            prompt = torch.ones(1, T, dtype=torch.bool, device=self.device)
-            s = self.model.mark_prompt(self.model.state_tokens(obs), prompt)  # (1, T, D)
-            a = self.model.mark_prompt(self.model.action_tokens(actions), prompt)
-            tokens.append(self.model.interleave(s, a)[0])
+            tokens.append(self._episode_tokens(demo, len(demo[self.spec.action_keys[0]]),
+                                               prompt=True)[0])
         return torch.cat(tokens)
+
+    def _episode_tokens(self, episode: Mapping[str, np.ndarray], T: int, prompt: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (2T, D) tokens s0 a0 s1 ... of an episode's first T steps (marked as prompt or
+        not) and its (T, A) normalised actions."""
+        actions = self._action_inputs(self.codec.actions(episode, T))  # (1, T, A)
+        mark = torch.full((1, T), prompt, dtype=torch.bool, device=self.device)
+        s = self.model.mark_prompt(self.model.state_tokens(self._obs_tensors(episode, T)), mark)
+        a = self.model.mark_prompt(self.model.action_tokens(actions), mark)
+        return self.model.interleave(s, a)[0], actions[0]
 
     @torch.no_grad()
     def teacher_forced(self, demos: Sequence[Mapping[str, np.ndarray]],
@@ -187,16 +192,14 @@ class InContextPolicy:
         self._check_keys(query, "the query episode", need_action=True)
         prompt = self.demo_tokens(demos)  # (2 Tp, D)
         prompt = prompt[len(prompt) - min(len(prompt), self.max_tokens - 2 * n):]
-        target = self._action_inputs(self.codec.actions(query, n))  # (1, n, A)
-        states = self.model.state_tokens(self._obs_tensors(query, n))
-        tokens = torch.cat([prompt, self.model.interleave(
-            states, self.model.action_tokens(target))[0]])[None]
+        query_tokens, target = self._episode_tokens(query, n, prompt=False)
+        tokens = torch.cat([prompt, query_tokens])[None]
         steps_idx = torch.arange(tokens.shape[1], device=self.device) // 2
         is_prompt = torch.arange(tokens.shape[1], device=self.device) < len(prompt)
         mask = context_mask(steps_idx[None], is_prompt[None], window=self.window)
         hidden = self.model.backbone(tokens, mask=mask)[0, len(prompt)::2]  # (n, D)
         chunk = self.model.predict_chunk(hidden, generator=self._generator, deterministic=True)
-        return chunk[:, 0].float().cpu().numpy(), target[0].float().cpu().numpy()
+        return chunk[:, 0].float().cpu().numpy(), target.float().cpu().numpy()
 
     # ------------------------------------------------------------------ acting
 
