@@ -23,6 +23,7 @@ from icrt.train.loop import train
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     data = make_reach_dataset(root, episodes_per_task=8)
+    make_reach_dataset(root, episodes_per_task=6, seed=1, name="unseen")  # probed
     out = {}
     for name, extra in (("plain", ("--trainer-cfg.epochs", "4")),
                         ("window", ("--trainer-cfg.epochs", "1", "--shared-cfg.sliding-window",
@@ -55,7 +56,7 @@ def test_teacher_forcing_equals_acting_with_the_recorded_actions(runs, name):
 def test_a_trained_policy_reads_its_prompt(runs):
     root, _, paths = runs
     policy = InContextPolicy.from_checkpoint(paths["plain"])
-    res = prompt_reading(policy, root / "reach.zarr", steps=10, queries_per_task=4)
+    res = prompt_reading(policy, root / "unseen.zarr", steps=10, queries_per_task=4)
     assert set(res["tasks"]) == {"left", "right"}
     # the goal is not observed: only the prompt says where to go
     assert res["ratio"] > 2.0, res
@@ -71,14 +72,17 @@ def test_probe_bad_input(runs, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         prompt_reading(policy, tmp_path / "nope.json")
     with pytest.raises(UserError, match="no successful episode of up"):
-        prompt_reading(policy, root / "reach.zarr", tasks=("left", "up"))
+        prompt_reading(policy, root / "unseen.zarr", tasks=("left", "up"))
+    # every episode of the training store is in the checkpoint's training split
+    with pytest.raises(UserError, match="16 episode\\(s\\) the checkpoint trained on"):
+        prompt_reading(policy, root / "reach.zarr")
 
 
 def test_probe_script_writes_json(runs, tmp_path):
     root, data, paths = runs
     out = tmp_path / "probe.json"
     r = subprocess.run([sys.executable, "scripts/probe_prompt.py", "--checkpoint",
-                        str(paths["plain"]), "--dataset", str(data), "--steps", "5",
+                        str(paths["plain"]), "--dataset", str(root / "unseen.json"), "--steps", "5",
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "| **mean** |" in r.stdout

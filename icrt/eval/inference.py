@@ -194,9 +194,8 @@ class InContextPolicy:
         prompt = prompt[len(prompt) - min(len(prompt), self.max_tokens - 2 * n):]
         query_tokens, target = self._episode_tokens(query, n, prompt=False)
         tokens = torch.cat([prompt, query_tokens])[None]
-        steps_idx = torch.arange(tokens.shape[1], device=self.device) // 2
-        is_prompt = torch.arange(tokens.shape[1], device=self.device) < len(prompt)
-        mask = context_mask(steps_idx[None], is_prompt[None], window=self.window)
+        prompt_steps = torch.arange(tokens.shape[1] // 2, device=self.device) < len(prompt) // 2
+        mask = self.model.attention_mask({"prompt_mask": prompt_steps[None]})  # training's
         hidden = self.model.backbone(tokens, mask=mask)[0, len(prompt)::2]  # (n, D)
         chunk = self.model.predict_chunk(hidden, generator=self._generator, deterministic=True)
         return chunk[:, 0].float().cpu().numpy(), target.float().cpu().numpy()

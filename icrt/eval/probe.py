@@ -12,7 +12,8 @@ which action comes next, so a policy that reads its prompt has a mismatched erro
 matched one (``ratio`` = mismatched / matched > 1); a policy that ignores it has a ratio of 1.
 The early steps are where the prompt matters most: later on, the query's own history tells
 which object is already in hand. Episodes from a store the policy never trained on (e.g. the
-``NAME_prompts`` store or held-out tasks) make it a generalisation check.
+``NAME_prompts`` store or held-out tasks) make it a generalisation check; episodes of the
+checkpoint's training split (its run's ``split.json``) are always left out, as in evaluation.
 
     results = prompt_reading(policy, "data/icg_heldout.json", steps=40)
 """
@@ -28,22 +29,29 @@ from icrt.data.spec import DatasetSpec
 from icrt.data.store import EpisodeStore
 from icrt.errors import UserError
 from icrt.eval.inference import InContextPolicy
+from icrt.eval.rollout import _training_episodes
 
 
-def _episodes(dataset: str | Path) -> dict[str, list[tuple[EpisodeStore, int]]]:
-    """Successful episodes per task of a dataset JSON or a single episode store."""
+def _episodes(dataset: str | Path, exclude: set[tuple[str, int]]
+              ) -> tuple[dict[str, list[tuple[EpisodeStore, int]]], int]:
+    """Successful episodes per task of a dataset JSON or a single episode store, leaving out
+    the ``exclude`` (store id or path, index) pairs; also returns how many were left out."""
     path = Path(dataset)
     if not path.exists():
         raise UserError(f"Dataset '{dataset}' does not exist.")
     stores = DatasetSpec.load(path).stores if path.suffix == ".json" else [path]
     out: dict[str, list[tuple[EpisodeStore, int]]] = {}
+    skipped = 0
     for p in stores:
         store = EpisodeStore.open(p)
+        ids = {store.store_id, str(Path(p).resolve())}
         names, success = store.episode_task_names, store.episode_success
         for i, (task, ok) in enumerate(zip(names, success, strict=True)):
-            if ok:
+            if any((sid, i) in exclude for sid in ids):
+                skipped += 1
+            elif ok:
                 out.setdefault(task, []).append((store, i))
-    return out
+    return out, skipped
 
 
 def prompt_reading(policy: InContextPolicy, dataset: str | Path, *, steps: int = 40,
@@ -51,13 +59,14 @@ def prompt_reading(policy: InContextPolicy, dataset: str | Path, *, steps: int =
                    tasks: tuple[str, ...] | None = None, seed: int = 0) -> dict[str, Any]:
     """Matched vs mismatched teacher-forced action error per task (see the module docstring).
 
-    Each task's first episode is its prompt; the next ``queries_per_task`` are queries. Every
-    query is also prompted by the first episode of ``mismatched_per_query`` other tasks drawn
-    at random. Returns ``{"tasks": {task: {"matched", "mismatched", "ratio", "queries"}},
-    "matched", "mismatched", "ratio", "steps"}`` (means over tasks)."""
+    Each task's first episode outside the checkpoint's training split is its prompt; the next
+    ``queries_per_task`` are queries. Every query is also prompted by the first episode of
+    ``mismatched_per_query`` other tasks drawn at random. Returns ``{"tasks": {task:
+    {"matched", "mismatched", "ratio", "queries"}}, "matched", "mismatched", "ratio",
+    "steps"}`` (means over tasks)."""
     if not policy.spec.in_context:
         raise UserError("This policy was trained without prompts; there is no prompt to read.")
-    by_task = _episodes(dataset)
+    by_task, trained = _episodes(dataset, _training_episodes(policy.checkpoint.path))
     if tasks:
         missing = [t for t in tasks if t not in by_task]
         if missing:
@@ -67,7 +76,9 @@ def prompt_reading(policy: InContextPolicy, dataset: str | Path, *, steps: int =
     usable = {t: eps for t, eps in by_task.items() if len(eps) >= 2}
     if len(usable) < 2:
         raise UserError(f"Dataset '{dataset}' needs at least two tasks with two or more "
-                        f"successful episodes each (prompt and query); it has {len(usable)}.")
+                        f"successful episodes each (prompt and query); it has {len(usable)}"
+                        + (f" once the {trained} episode(s) the checkpoint trained on are left "
+                           f"out." if trained else "."))
     rng = np.random.default_rng(seed)
 
     def episode(ref: tuple[EpisodeStore, int]) -> dict[str, np.ndarray]:
