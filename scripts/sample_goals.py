@@ -7,7 +7,8 @@ scenes (files holding their `scene` description), score every sample with the ch
 Each panel row is one scene: the context (static obstacles grey, movable objects red, the
 selected object green, robot and its goal blue), then the samples, then the ground truth.
 Prints, and writes to OUT/metrics.json: the share of samples the checker accepts (a placement
-of the selected object that clears the robot's path), the IoU with the ground-truth goal, and
+of the selected object that clears the robot's path) and why the others were rejected
+(unreadable, overlapping something, blocking the path), the IoU with the ground-truth goal, and
 milliseconds per sample.
 """
 
@@ -87,7 +88,7 @@ def main(cfg: SampleConfig) -> None:
 
     from icrt.errors import UserError
     from icrt.generative.data import GoalMaskDataset, scene_files
-    from icrt.generative.namo import Scene, check_goal, goal_iou
+    from icrt.generative.namo import VERDICTS, Scene, check_goal, goal_iou, goal_verdict
     from icrt.generative.train import load_goal_model
     from icrt.train.dist import resolve_device
 
@@ -129,9 +130,11 @@ def main(cfg: SampleConfig) -> None:
         metrics["iou_largest_component"] = float(np.mean([
             goal_iou(c, data.goal[i][0].numpy()) for i in range(len(data)) for c in cleaned[i]]))
     if all(s is not None for s in data.scenes):
-        ok = [check_goal(Scene.from_json(data.scenes[i]), s[0].numpy())
-              for i in range(len(data)) for s in samples[i]]
-        metrics["checker_accepts"] = float(np.mean(ok))
+        verdicts = [goal_verdict(Scene.from_json(data.scenes[i]), s[0].numpy())
+                    for i in range(len(data)) for s in samples[i]]
+        metrics["checker_accepts"] = verdicts.count("valid") / len(verdicts)
+        # why the others were rejected (shares of all samples; see goal_verdict)
+        metrics["checker_verdicts"] = {v: verdicts.count(v) / len(verdicts) for v in VERDICTS}
         if cfg.largest_component:
             metrics["checker_accepts_largest_component"] = float(np.mean([
                 check_goal(Scene.from_json(data.scenes[i]), c)

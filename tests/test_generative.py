@@ -256,6 +256,10 @@ def test_sample_script_scores_generated_scenes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 12 and 0.0 <= metrics["checker_accepts"] <= 1.0
     assert 0.0 <= metrics["checker_accepts_largest_component"] <= 1.0
+    verdicts = metrics["checker_verdicts"]
+    assert set(verdicts) == {"valid", "unreadable", "overlaps", "blocks_path"}
+    assert verdicts["valid"] == metrics["checker_accepts"]
+    assert sum(verdicts.values()) == pytest.approx(1.0)
     assert metrics["sampler"]["method"] == "euler" and metrics["ms_per_sample"] > 0
     assert sorted(p.name for p in out.glob("*.png")) == ["panel_000.png", "panel_001.png"]
 

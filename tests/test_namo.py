@@ -19,6 +19,7 @@ from icrt.generative.namo import (
     check_goal,
     generate_scene,
     goal_iou,
+    goal_verdict,
     path_exists,
     placement_from_mask,
     render_masks,
@@ -128,6 +129,19 @@ def test_check_goal_accepts_the_ground_truth_and_rejects_wrong_goals(scenes):
         on_wall = box_mask(scene, t.moved(0, 0), 64)  # the corner of the border wall
         assert not check_goal(scene, on_wall)
         assert placement_from_mask(scene, on_wall) == t.moved(0, 0)
+
+
+def test_goal_verdict_names_why_a_goal_is_rejected(scenes):
+    for scene in scenes[:5]:
+        masks = render_masks(scene, 64)
+        t = scene.boxes[scene.target]
+        assert goal_verdict(scene, masks["target_goal"]) == "valid"
+        assert goal_verdict(scene, masks["target_object"]) == "blocks_path"  # still in the door
+        assert goal_verdict(scene, np.zeros((64, 64))) == "unreadable"
+        assert goal_verdict(scene, np.ones((64, 64))) == "unreadable"
+        assert goal_verdict(scene, box_mask(scene, t.moved(0, 0), 64)) == "overlaps"
+        for box in valid_placements(scene)[:3]:
+            assert goal_verdict(scene, box_mask(scene, box, 64)) == "valid"
 
 
 def test_placement_from_mask_recovers_target_goal(scenes):

@@ -445,6 +445,24 @@ def check_goal(scene: Scene, mask: np.ndarray, threshold: float = 0.5) -> bool:
     return box is not None and _is_valid(scene, box)
 
 
+VERDICTS = ("valid", "unreadable", "overlaps", "blocks_path")
+
+
+def goal_verdict(scene: Scene, mask: np.ndarray, threshold: float = 0.5) -> str:
+    """Why :func:`check_goal` accepts or rejects a goal mask, one of :data:`VERDICTS`:
+    ``valid``; ``unreadable`` (no cell on, or an on-area outside 0.5-2x the target's);
+    ``overlaps`` (the placement covers a wall, another box, or the robot's start or goal);
+    ``blocks_path`` (it overlaps nothing but leaves the robot no way to its goal)."""
+    box = placement_from_mask(scene, mask, threshold)
+    if box is None:
+        return "unreadable"
+    forbidden = _others_blocked(scene)
+    forbidden[scene.robot] = forbidden[scene.goal] = True
+    if forbidden[box._slice()].any():
+        return "overlaps"
+    return "valid" if _is_valid(scene, box) else "blocks_path"
+
+
 def goal_iou(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> float:
     """Intersection over union of ``a > threshold`` and ``b > threshold``; 1.0 if both are
     empty."""
