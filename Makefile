@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export MUJOCO_GL ?= egl
 
-.PHONY: install test test-fast lint format bench demo icg mwh compare
+.PHONY: install test test-fast lint format bench demo icg mwh compare gen
 
 # The Meta-World demo (BENCHMARKS.md MW5): five tasks, 20 scripted demonstrations each for
 # training, 10 more each held out as prompts; a 128x4 policy trained on the CPU; 20 prompted
@@ -182,3 +182,24 @@ mwh: $(STAMP)
 	$(PY) scripts/eval.py $(MWH_EVAL) --episodes-per-task 10 --prompt-dataset data/mwh_prompts.json \
 	    --num-prompts 1 --out $(MWH_RUN)/train_tasks_1prompt.json \
 	    --baseline $(MWH_RUN)/train_tasks_noprompt.json
+
+# GEN (BENCHMARKS.md): the goal-mask generator on generated NAMO scenes. 10,000 training scenes;
+# two held-out sets of other seeds (200 and 1,000 scenes); a flow-matching and a diffusion
+# (v-prediction, DDIM) DiT trained side by side, one thread each (about 75 min on 2 cores);
+# one sample per held-out scene, scored by the scene checker.
+GEN_RUN := runs/gen
+GEN_TRAIN := --data.data-dir data/namo10k --max-epochs 40 --batch-size 32 --base-lr 3e-4 \
+	--image-size 28 --model.network.patch-size 4 --model.network.hidden-size 192 \
+	--model.network.depth 6 --model.network.num-heads 4 --output-dir $(GEN_RUN)
+
+gen: $(STAMP)
+	$(PY) scripts/make_namo_masks.py --out data/namo10k --num-scenes 10000 --seed 2 --overwrite
+	$(PY) scripts/make_namo_masks.py --out data/namo_test --num-scenes 200 --seed 1 --overwrite
+	$(PY) scripts/make_namo_masks.py --out data/namo_test3 --num-scenes 1000 --seed 3 --overwrite
+	if [ -d $(GEN_RUN) ]; then mv $(GEN_RUN) $(GEN_RUN).$$(date +%Y%m%d-%H%M%S); fi
+	OMP_NUM_THREADS=1 $(PY) scripts/train_generative.py $(GEN_TRAIN) --run-name flow & pid=$$!; \
+	OMP_NUM_THREADS=1 $(PY) scripts/train_generative.py $(GEN_TRAIN) --run-name ddim \
+	    --model.objective diffusion --model.path.prediction-type v_prediction && wait $$pid
+	for m in flow ddim; do for d in namo_test namo_test3; do \
+	    $(PY) scripts/sample_goals.py --checkpoint $(GEN_RUN)/$$m --data-dir data/$$d \
+	        --out $(GEN_RUN)/samples_$${m}_$$d || exit 1; done; done
