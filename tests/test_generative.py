@@ -233,8 +233,28 @@ def test_best_checkpoints_are_the_lowest_validation_losses(tmp_path):
     assert records[-1]["val_loss_best"] == pytest.approx(lowest[0]["val_loss"])
     assert (run / "config.json").is_file() and (run / "checkpoints" / "last").is_dir()
     assert any((run / "tensorboard").iterdir())
+    for r in lowest:  # the exact loss beside the rounded name
+        saved = json.loads((run / "checkpoints" / f"epoch{r['epoch']:03d}-val_loss"
+                            f"{r['val_loss']:.4f}" / "metrics.json").read_text())
+        assert saved["val_loss"] == r["val_loss"] and saved["epoch"] == r["epoch"]
     model, cfg = load_goal_model(run)
     assert cfg.image_size == 16 and not model.training
+
+
+def test_best_checkpoint_is_chosen_by_the_exact_loss_when_names_tie(tmp_path):
+    from icrt.generative.train import _val_loss
+
+    ckpts = tmp_path / "checkpoints"
+    for epoch, val in ((37, 0.0023929), (38, 0.0023706), (39, 0.0023657)):
+        d = ckpts / f"epoch{epoch:03d}-val_loss{val:.4f}"  # all three named ...0.0024
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"epoch": epoch, "val_loss": val}))
+    assert min(ckpts.iterdir(), key=_val_loss).name == "epoch039-val_loss0.0024"
+    (ckpts / "epoch039-val_loss0.0024" / "metrics.json").unlink()  # older runs: the name, then
+    (ckpts / "epoch038-val_loss0.0024" / "metrics.json").unlink()  # the later epoch
+    assert min(ckpts.iterdir(), key=_val_loss).name == "epoch037-val_loss0.0024"
+    (ckpts / "epoch037-val_loss0.0024" / "metrics.json").unlink()
+    assert min(ckpts.iterdir(), key=_val_loss).name == "epoch039-val_loss0.0024"
 
 
 def test_sample_script_scores_generated_scenes(tmp_path):

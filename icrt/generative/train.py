@@ -203,6 +203,11 @@ def save_goal_checkpoint(path: Path, model: GoalModel, cfg: GenerativeConfig,
                   str(tmp / "model.safetensors"))
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_dict(cfg), indent=1) + "\n")
+        # the exact validation loss (the folder name rounds it to 4 decimals)
+        val = dict((e, v) for v, e in train_state.get("best", [])).get(train_state.get("epoch"))
+        if val is not None:
+            (tmp / "metrics.json").write_text(json.dumps(
+                {"epoch": train_state["epoch"], "step": train_state["step"], "val_loss": val}))
         for f in tmp.iterdir():
             fsync_path(f)
     except OSError as e:
@@ -230,8 +235,14 @@ def load_goal_model(path: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), cfg
 
 
-def _val_loss(p: Path) -> float:
-    return float(p.name.split("val_loss")[-1])
+def _val_loss(p: Path) -> tuple[float, int]:
+    """Sort key of a best checkpoint: its exact validation loss (``metrics.json``; else the
+    name's, rounded), later epochs first among equals."""
+    epoch = int(p.name[len("epoch"):].split("-")[0])
+    try:
+        return float(json.loads((p / "metrics.json").read_text())["val_loss"]), -epoch
+    except (OSError, ValueError, KeyError):
+        return float(p.name.split("val_loss")[-1]), -epoch
 
 
 # --------------------------------------------------------------------------------- training
