@@ -249,12 +249,12 @@ def test_best_checkpoint_is_chosen_by_the_exact_loss_when_names_tie(tmp_path):
         d = ckpts / f"epoch{epoch:03d}-val_loss{val:.4f}"  # all three named ...0.0024
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps({"epoch": epoch, "val_loss": val}))
-    assert min(ckpts.iterdir(), key=_val_loss).name == "epoch039-val_loss0.0024"
+    assert min(sorted(ckpts.iterdir()), key=_val_loss).name == "epoch039-val_loss0.0024"
     (ckpts / "epoch039-val_loss0.0024" / "metrics.json").unlink()  # older runs: the name, then
     (ckpts / "epoch038-val_loss0.0024" / "metrics.json").unlink()  # the later epoch
-    assert min(ckpts.iterdir(), key=_val_loss).name == "epoch037-val_loss0.0024"
+    assert min(sorted(ckpts.iterdir()), key=_val_loss).name == "epoch037-val_loss0.0024"
     (ckpts / "epoch037-val_loss0.0024" / "metrics.json").unlink()
-    assert min(ckpts.iterdir(), key=_val_loss).name == "epoch039-val_loss0.0024"
+    assert min(sorted(ckpts.iterdir()), key=_val_loss).name == "epoch039-val_loss0.0024"
 
 
 def test_sample_script_scores_generated_scenes(tmp_path):

@@ -180,6 +180,13 @@ def _others_blocked(scene: Scene) -> np.ndarray:
     return blocked
 
 
+def _forbidden(scene: Scene) -> np.ndarray:
+    """Cells a target placement must not cover: walls, other boxes, the robot's start and goal."""
+    forbidden = _others_blocked(scene)
+    forbidden[scene.robot] = forbidden[scene.goal] = True
+    return forbidden
+
+
 def path_exists(scene: Scene, target_at: Box | None) -> bool:
     """Whether the robot (one cell, 4-connected) can walk from its start to its goal with the
     target box at ``target_at`` (None: where it is now) and every other box in place."""
@@ -211,8 +218,7 @@ def _iter_valid(scene: Scene, candidates: Iterable[Box]) -> Iterator[Box]:
     Same answer as testing each with :func:`path_exists`, but faster: every path found is
     kept, and a placement that misses one of them needs no new search."""
     blocked = _others_blocked(scene)
-    forbidden = blocked.copy()
-    forbidden[scene.robot] = forbidden[scene.goal] = True
+    forbidden = _forbidden(scene)
     path = _bfs_path(blocked, scene.robot, scene.goal)  # the target gone altogether
     if path is None:
         return
@@ -441,8 +447,7 @@ def placement_from_mask(scene: Scene, mask: np.ndarray, threshold: float = 0.5) 
 def check_goal(scene: Scene, mask: np.ndarray, threshold: float = 0.5) -> bool:
     """Whether a goal mask names a valid placement of the target (see :func:`valid_placements`
     and :func:`placement_from_mask`)."""
-    box = placement_from_mask(scene, mask, threshold)
-    return box is not None and _is_valid(scene, box)
+    return goal_verdict(scene, mask, threshold) == "valid"
 
 
 VERDICTS = ("valid", "unreadable", "overlaps", "blocks_path")
@@ -456,9 +461,7 @@ def goal_verdict(scene: Scene, mask: np.ndarray, threshold: float = 0.5) -> str:
     box = placement_from_mask(scene, mask, threshold)
     if box is None:
         return "unreadable"
-    forbidden = _others_blocked(scene)
-    forbidden[scene.robot] = forbidden[scene.goal] = True
-    if forbidden[box._slice()].any():
+    if _forbidden(scene)[box._slice()].any():
         return "overlaps"
     return "valid" if _is_valid(scene, box) else "blocks_path"
 
