@@ -185,7 +185,7 @@ mwh: $(STAMP)
 
 # GEN (BENCHMARKS.md): the goal-mask generator on generated NAMO scenes. 10,000 training scenes;
 # two held-out sets of other seeds (200 and 1,000 scenes); a flow-matching and a diffusion
-# (v-prediction, DDIM) DiT trained side by side, one thread each (about 75 min on 2 cores);
+# (v-prediction, DDIM) DiT trained side by side, one thread each (82 min each on 2 cores);
 # one sample per held-out scene, scored by the scene checker.
 GEN_RUN := runs/gen
 GEN_TRAIN := --data.data-dir data/namo10k --max-epochs 40 --batch-size 32 --base-lr 3e-4 \
@@ -198,7 +198,7 @@ gen: $(STAMP)
 	$(PY) scripts/make_namo_masks.py --out data/namo_test3 --num-scenes 1000 --seed 3 --overwrite
 	if [ -d $(GEN_RUN) ]; then mv $(GEN_RUN) $(GEN_RUN).$$(date +%Y%m%d-%H%M%S); fi
 	OMP_NUM_THREADS=1 $(PY) scripts/train_generative.py $(GEN_TRAIN) --run-name flow & pid=$$!; \
-	OMP_NUM_THREADS=1 $(PY) scripts/train_generative.py $(GEN_TRAIN) --run-name ddim \
+	trap 'kill $$pid 2>/dev/null' EXIT; OMP_NUM_THREADS=1 $(PY) scripts/train_generative.py $(GEN_TRAIN) --run-name ddim \
 	    --model.objective diffusion --model.path.prediction-type v_prediction && wait $$pid
 	for m in flow ddim; do for d in namo_test namo_test3; do \
 	    $(PY) scripts/sample_goals.py --checkpoint $(GEN_RUN)/$$m --data-dir data/$$d \

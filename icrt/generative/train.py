@@ -191,8 +191,9 @@ class GoalModel(nn.Module):
 
 
 def save_goal_checkpoint(path: Path, model: GoalModel, cfg: GenerativeConfig,
-                         train_state: dict[str, Any]) -> None:
-    """Write a checkpoint directory atomically (a temporary sibling renamed into place)."""
+                         train_state: dict[str, Any], val_loss: float | None = None) -> None:
+    """Write a checkpoint directory atomically (a temporary sibling renamed into place); with
+    ``val_loss``, also ``metrics.json`` holding it exactly (the folder names round it)."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -203,11 +204,10 @@ def save_goal_checkpoint(path: Path, model: GoalModel, cfg: GenerativeConfig,
                   str(tmp / "model.safetensors"))
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_dict(cfg), indent=1) + "\n")
-        # the exact validation loss (the folder name rounds it to 4 decimals)
-        val = dict((e, v) for v, e in train_state.get("best", [])).get(train_state.get("epoch"))
-        if val is not None:
+        if val_loss is not None:
             (tmp / "metrics.json").write_text(json.dumps(
-                {"epoch": train_state["epoch"], "step": train_state["step"], "val_loss": val}))
+                {"epoch": train_state["epoch"], "step": train_state["step"],
+                 "val_loss": val_loss}))
         for f in tmp.iterdir():
             fsync_path(f)
     except OSError as e:
@@ -419,10 +419,10 @@ def train_generative(cfg: GenerativeConfig, progress: bool = True) -> Path:
                         ctx, sample, val_data.goal[:k]), step)
                 state = {"optimizer": opt.state_dict(), "epoch": epoch, "step": step,
                          "best": best}
-                save_goal_checkpoint(ckpt_dir / "last", model, cfg, state)
+                save_goal_checkpoint(ckpt_dir / "last", model, cfg, state, val)
                 name = f"epoch{epoch:03d}-val_loss{val:.4f}"
                 if (val, epoch) in best:
-                    save_goal_checkpoint(ckpt_dir / name, model, cfg, state)
+                    save_goal_checkpoint(ckpt_dir / name, model, cfg, state, val)
                 keep = {f"epoch{e:03d}-val_loss{v:.4f}" for v, e in best}
                 for old in ckpt_dir.glob("epoch*-val_loss*"):
                     if old.name not in keep:
