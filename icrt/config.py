@@ -232,6 +232,10 @@ class PolicyConfig:
     remove_proprio: bool = False
     # Put no loss on prompt steps (only the query trajectory is supervised).
     no_prompt_loss: bool = False
+    # Object pointer (0: off): split the last low-dim key (robosuite's object) into this many
+    # equal per-object slots; the feature at each state token attends over that step's
+    # objects before the head (icrt/models/pointer.py; 4 for the (object, bin) family).
+    object_slots: int = 0
     # Weight of the action loss.
     loss_w_action: float = 1.0
     # Multiplier of the total loss.
@@ -287,6 +291,7 @@ class PolicyConfig:
                      "flow_num_steps", "cvae_latent_dim"):
             _positive(getattr(self, name), p + name.replace("_", "-"))
         _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
+        _positive(self.object_slots, p + "object-slots", allow_zero=True)
         _positive(self.flow_tolerance, p + "flow-tolerance")
         _positive(self.cvae_kl_weight, p + "cvae-kl-weight", allow_zero=True)
         if self.lora_alpha is not None:

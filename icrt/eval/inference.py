@@ -197,6 +197,7 @@ class InContextPolicy:
         prompt_steps = torch.arange(tokens.shape[1] // 2, device=self.device) < len(prompt) // 2
         mask = self.model.attention_mask({"prompt_mask": prompt_steps[None]})  # training's
         hidden = self.model.backbone(tokens, mask=mask)[0, len(prompt)::2]  # (n, D)
+        hidden = self.model.head_input(hidden[None], self._obs_tensors(query, n))[0]
         chunk = self.model.predict_chunk(hidden, generator=self._generator, deterministic=True)
         return chunk[:, 0].float().cpu().numpy(), target.float().cpu().numpy()
 
@@ -225,7 +226,9 @@ class InContextPolicy:
         if self._pending_action is not None:
             token = self.model.action_tokens(self._action_inputs(self._pending_action[None]))
             self._tokens.append(token[0, 0])
-        state = self.model.state_tokens(self._obs_tensors(obs, None))  # (1, 1, D)
+        inputs = self._obs_tensors(obs, None)
+        self._current_inputs = inputs  # what the object pointer reads at this step
+        state = self.model.state_tokens(inputs)  # (1, 1, D)
         self._tokens.append(state[0, 0])
 
     def _action_from(self, hidden: torch.Tensor, chunk: torch.Tensor | None = None
@@ -285,7 +288,18 @@ class InContextPolicy:
                                     dtype=self.weight_dtype, compile=self.compile)
         return self._decoder
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The feature (D,) at the newest state token -> what the head reads (the object
+        pointer, if the policy has one, adds that step's attended object)."""
+        if self.model.pointer is None:
+            return hidden
+        proprio = self._current_inputs["proprio"][0, 0].to(hidden.dtype)
+        return self.model.head_input(hidden[None], {"proprio": proprio[None]})[0]
+
     def _context_hidden(self) -> torch.Tensor:
+        return self.head_input(self._backbone_hidden())
+
+    def _backbone_hidden(self) -> torch.Tensor:
         if self._slide_if_full() and self.use_cache:
             self._decoder.reset()
         x = None
@@ -461,7 +475,7 @@ class BatchedInContextPolicy:
         hidden = self._forward()  # (rows, D) feature at each row's newest token
         actions: list = [None] * len(self.rows)
         for i in active:
-            actions[i] = self.rows[i]._action_from(hidden[i])
+            actions[i] = self.rows[i]._action_from(self.rows[i].head_input(hidden[i]))
         return actions
 
     def _forward(self) -> torch.Tensor:

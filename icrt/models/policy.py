@@ -17,6 +17,7 @@ a_t .. a_{t+K-1}. The same module serves training (``forward`` on whole sequence
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from icrt.config import ModelConfig
+from icrt.errors import UserError
 from icrt.models.backbones import build_backbone
 from icrt.models.backbones.llama import context_mask
 from icrt.models.backbones.pretrained import apply_lora
 from icrt.models.encoders.vision import ObservationEncoder
 from icrt.models.heads import build_head
+from icrt.models.pointer import ObjectPointer
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class ICRTPolicy(nn.Module):
         if cfg.prompt_pos_emb:
             self.prompt_emb = nn.Parameter(torch.randn(d) * 0.02)
         self.head = build_head(cfg, d, spec.action_dim, spec.num_pred_steps)
+        self.pointer = _object_pointer(cfg.object_slots, spec, d) if cfg.object_slots else None
 
     # ------------------------------------------------------------------ tokens
 
@@ -114,6 +118,13 @@ class ICRTPolicy(nn.Module):
         if not self.cfg.prompt_pos_emb:
             return tokens
         return tokens + prompt_mask[..., None].to(tokens.dtype) * self.prompt_emb
+
+    def head_input(self, hidden: Tensor, obs: dict[str, Tensor]) -> Tensor:
+        """Features (..., D) at state tokens -> what the head reads: the same, or with the
+        object pointer's read of those steps' objects (``obs["proprio"]`` (..., P))."""
+        if self.pointer is None:
+            return hidden
+        return self.pointer(hidden, obs["proprio"])
 
     @staticmethod
     def interleave(states: Tensor, actions: Tensor) -> Tensor:
@@ -144,6 +155,7 @@ class ICRTPolicy(nn.Module):
         tokens = self.interleave(self.mark_prompt(states, batch["prompt_mask"]),
                                  self.mark_prompt(actions, batch["prompt_mask"]))
         hidden = self.backbone(tokens, mask=self.attention_mask(batch))[:, 0::2]  # (B, T, D)
+        hidden = self.head_input(hidden, batch)
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
         weight = torch.ones(B * T, device=hidden.device)
@@ -195,3 +207,23 @@ class ICRTPolicy(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+
+def _object_pointer(num_slots: int, spec: PolicySpec, d: int) -> ObjectPointer:
+    """The pointer over the last low-dim key's ``num_slots`` objects (one sentence when the
+    data cannot be split that way)."""
+    flag = "--model-cfg.policy-cfg.object-slots"
+    if not spec.proprio_keys:
+        raise UserError(f"{flag} needs low-dim keys; the data has none.")
+    key = spec.proprio_keys[-1]
+    meta = spec.key_meta.get(key, {})
+    if "shape" not in meta:
+        raise UserError(f"{flag}: the shape of the last low-dim key {key!r} is unknown.")
+    if spec.rot_6d and meta.get("rotation"):
+        raise UserError(f"{flag}: the last low-dim key {key!r} holds a rotation that "
+                        f"--shared-cfg.rot-6d rewrites; put the object key last.")
+    size = int(math.prod(meta["shape"]))
+    if size % num_slots or size > spec.proprio_dim:
+        raise UserError(f"{flag} {num_slots}: the last low-dim key {key!r} has {size} values, "
+                        f"which do not split into {num_slots} equal objects.")
+    return ObjectPointer(num_slots, size // num_slots, spec.proprio_dim - size, d)

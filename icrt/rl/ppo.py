@@ -407,7 +407,8 @@ def episode_features(policy: Any, ep: dict[str, Any], demos: list[dict]) -> Tens
     prompt = policy.demo_tokens(demos)  # (P, D)
     if len(prompt) != ep["prompt_tokens"]:
         raise RuntimeError("the prompt's tokens differ from the rollout's")
-    s = model.state_tokens(policy._obs_tensors(ep["obs"], T))  # (1, T, D)
+    inputs = policy._obs_tensors(ep["obs"], T)
+    s = model.state_tokens(inputs)  # (1, T, D)
     a = model.action_tokens(policy._action_inputs(ep["executed"]))  # (1, T, D)
     tokens = torch.cat([prompt, model.interleave(s, a)[0, : 2 * T - 1]])  # ... s_{T-1}
     P = len(prompt)
@@ -418,7 +419,7 @@ def episode_features(policy: Any, ep: dict[str, Any], demos: list[dict]) -> Tens
         end = P + 2 * int(idx.max()) + 1
         h = model.backbone(tokens[off:end][None].to(policy.dtype))[0].float()
         hidden = hidden.index_copy(0, idx, h[P + 2 * idx - off])
-    return hidden
+    return model.head_input(hidden[None], inputs)[0]
 
 
 def episode_rewards(ep: dict[str, Any], cfg: PPOConfig) -> np.ndarray:

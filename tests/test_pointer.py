@@ -1,0 +1,109 @@
+"""The object pointer (--model-cfg.policy-cfg.object-slots): the head reads the current step's
+objects through attention, identically in training, teacher forcing and cached acting."""
+
+import numpy as np
+import pytest
+import torch
+from test_train import tiny_args
+
+from icrt.config import parse_config
+from icrt.data.spec import write_dataset_json
+from icrt.data.store import EpisodeStore
+from icrt.errors import UserError
+from icrt.eval.inference import BatchedInContextPolicy, InContextPolicy
+from icrt.models.pointer import ObjectPointer
+from icrt.train.checkpoint import load_policy
+from icrt.train.loop import train
+
+NUM_OBJECTS = 3
+
+
+def fetch_episode(target: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A point robot moves to object ``target`` among three at random places; the task (which
+    object) is only in the prompt."""
+    objects = rng.uniform(-1, 1, size=(NUM_OBJECTS, 2))
+    pos = np.zeros(2)
+    robots, objs, actions = [], [], []
+    for _ in range(30):
+        action = np.clip((objects[target] - pos) * 4.0, -1.0, 1.0)
+        robots.append(pos.copy())
+        objs.append(objects.reshape(-1).copy())
+        actions.append(action)
+        pos = pos + 0.1 * action
+    return {"robot": np.asarray(robots, np.float32), "objects": np.asarray(objs, np.float32),
+            "action": np.asarray(actions, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def fetch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pointer")
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create(root / "fetch.zarr", env={"name": "synthetic"}, fps=10)
+    for target in range(NUM_OBJECTS):
+        for _ in range(4):
+            store.add_episode(fetch_episode(target, rng), task=f"fetch{target}", success=True)
+    store.close()
+    data = root / "fetch.json"
+    write_dataset_json(data, stores=[root / "fetch.zarr"], proprio_keys=["robot", "objects"],
+                       action_keys=["action"], train_split=1.0)
+    run = train(parse_config(tiny_args(data, root / "run", "--trainer-cfg.epochs", "1",
+                                       "--model-cfg.policy-cfg.object-slots", NUM_OBJECTS)),
+                progress=False)
+    return root, data, run
+
+
+def test_pointer_is_built_from_the_last_low_dim_key(fetch):
+    _, _, run = fetch
+    model, _ = load_policy(run)
+    assert isinstance(model.pointer, ObjectPointer)
+    assert (model.pointer.num_slots, model.pointer.slot_dim, model.pointer.robot_dim) == (3, 2, 2)
+    h = torch.randn(5, model.d_model)
+    proprio = torch.randn(5, 8)
+    w = model.pointer.weights(h, proprio)
+    torch.testing.assert_close(w.sum(-1), torch.ones(5))
+    out = model.head_input(h, {"proprio": proprio})
+    moved = proprio.clone()
+    moved[:, 2:4] += 1.0  # the first object moves: what the head reads changes
+    assert not torch.allclose(model.head_input(h, {"proprio": moved}), out)
+    torch.testing.assert_close(model.head_input(h, {"proprio": proprio}), out)
+
+
+def test_acting_reads_the_pointer_as_training_does(fetch):
+    """Cached acting with the recorded actions fed back equals one teacher-forced forward
+    (the training computation, pointer included), step by step."""
+    root, _, run = fetch
+    store = EpisodeStore.open(root / "fetch.zarr")
+    demo, query = store.episode(0), store.episode(1)
+    policy = InContextPolicy.from_checkpoint(run, execution="open_loop", open_loop_steps=1)
+    policy.prompt([demo])
+    policy.reset()
+    n = 12
+    forced, _ = policy.teacher_forced([demo], query, n)
+    acted = []
+    for t in range(n):
+        policy.act({"robot": query["robot"][t], "objects": query["objects"][t]})
+        acted.append(policy._pending_action)
+        policy.executed(query["action"][t])
+    acted = policy.codec.encode_actions(np.asarray(acted))
+    np.testing.assert_allclose(acted, forced, atol=1e-4)
+    # the batched policy reads each row's own objects
+    batched = BatchedInContextPolicy.from_checkpoint(run, rows=2, execution="open_loop",
+                                                     open_loop_steps=1)
+    for row in range(2):
+        batched.prompt(row, [demo])
+        batched.reset(row)
+    obs = {"robot": query["robot"][0], "objects": query["objects"][0]}
+    other = dict(obs, objects=query["objects"][0][::-1].copy())
+    a, b = batched.act([obs, other])
+    policy.reset()
+    np.testing.assert_allclose(a, policy.act(obs), atol=1e-4)
+    assert not np.allclose(a, b)
+
+
+def test_object_slots_that_do_not_split_are_one_sentence(fetch, tmp_path):
+    _, data, _ = fetch
+    with pytest.raises(UserError, match="do not split into 4 equal objects"):
+        train(parse_config(tiny_args(data, tmp_path, "--model-cfg.policy-cfg.object-slots", 4)),
+              progress=False)
+    with pytest.raises((UserError, ValueError, SystemExit)):
+        parse_config(tiny_args(data, tmp_path, "--model-cfg.policy-cfg.object-slots", -1))
