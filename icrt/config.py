@@ -82,6 +82,13 @@ class DatasetConfig:
     num_weighted_steps: float = 30
     # Use this fraction of each task's episodes (ablations).
     dataset_fraction: float = 1.0
+    # Label every trajectory with the object it moves, for the object pointer's loss
+    # (--model-cfg.policy-cfg.pointer-loss-weight): the last low-dim key split into this many
+    # equal slots (as --model-cfg.policy-cfg.object-slots); the label is the slot whose
+    # position travels furthest from where it started. 0: no labels.
+    moved_object_slots: int = 0
+    # Which values of a slot are its position (robosuite's object key: 7 8 9); empty: all.
+    object_pos_dims: tuple[int, ...] = ()
     # Leave out episodes shorter / longer than this many steps (ICRT used 30 and 450 for its
     # 15 Hz robot data; 0 / None: no filter).
     min_episode_length: int = 0
@@ -118,6 +125,7 @@ class DatasetConfig:
         _positive(self.proprio_noise, p + "proprio-noise", allow_zero=True)
         _positive(self.action_noise, p + "action-noise", allow_zero=True)
         _positive(self.num_weighted_steps, p + "num-weighted-steps", allow_zero=True)
+        _positive(self.moved_object_slots, p + "moved-object-slots", allow_zero=True)
         _positive(self.image_cache_gb, p + "image-cache-gb", allow_zero=True)
         _positive(self.read_threads, p + "read-threads", allow_zero=True)
         _positive(self.min_episode_length, p + "min-episode-length", allow_zero=True)
@@ -236,6 +244,10 @@ class PolicyConfig:
     # equal per-object slots; the feature at each state token attends over that step's
     # objects before the head (icrt/models/pointer.py; 4 for the (object, bin) family).
     object_slots: int = 0
+    # Weight of the object pointer's loss: a cross-entropy that teaches it to look, at every
+    # query step, at the object its trajectory moves (labels from
+    # --dataset-cfg.moved-object-slots); 0: the pointer learns from the action loss alone.
+    pointer_loss_weight: float = 0.0
     # Weight of the action loss.
     loss_w_action: float = 1.0
     # Multiplier of the total loss.
@@ -292,6 +304,9 @@ class PolicyConfig:
             _positive(getattr(self, name), p + name.replace("_", "-"))
         _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
         _positive(self.object_slots, p + "object-slots", allow_zero=True)
+        _positive(self.pointer_loss_weight, p + "pointer-loss-weight", allow_zero=True)
+        if self.pointer_loss_weight and not self.object_slots:
+            raise ValueError(f"{p}pointer-loss-weight needs {p}object-slots.")
         _positive(self.flow_tolerance, p + "flow-tolerance")
         _positive(self.cvae_kl_weight, p + "cvae-kl-weight", allow_zero=True)
         if self.lora_alpha is not None:
@@ -676,6 +691,12 @@ class ExperimentConfig:
         if self.dist_url != "env://":
             raise ValueError(f"--dist-url {self.dist_url}: only env:// is supported (torchrun "
                              f"sets it up; see docs/training.md for several nodes).")
+        slots = self.model_cfg.policy_cfg.object_slots
+        if (self.model_cfg.policy_cfg.pointer_loss_weight
+                and self.dataset_cfg.moved_object_slots != slots):
+            raise ValueError(f"--model-cfg.policy-cfg.pointer-loss-weight needs labels of the "
+                             f"same {slots} objects: add --dataset-cfg.moved-object-slots "
+                             f"{slots}.")
 
 
 # --------------------------------------------------------------------------- serialisation

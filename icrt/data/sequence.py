@@ -347,6 +347,7 @@ class SequenceDataset(torch.utils.data.Dataset):
 
         proprio_raw = gather(spec.proprio_keys)
         action_raw = gather(spec.action_keys)
+        self._moved = self._moved_objects(stores, proprio_raw)
         # DAgger stores: steps the policy acted on stay in the context but carry no loss
         self._policy_step = np.concatenate([
             s.load(STEP_SOURCE).reshape(-1) == SOURCE_POLICY if STEP_SOURCE in s.keys
@@ -379,6 +380,30 @@ class SequenceDataset(torch.utils.data.Dataset):
             self._proprio_raw, self._action_raw = proprio_raw, action_raw
         self._proprio_noise = self.cfg.proprio_noise * self.normalizer.scale("proprio")
         self._action_noise = self.cfg.action_noise * self.normalizer.scale("action")
+
+    def _moved_objects(self, stores: list[EpisodeStore], proprio_raw: np.ndarray) -> np.ndarray:
+        """Per episode, the object slot (of --dataset-cfg.moved-object-slots in the last
+        low-dim key) whose position travels furthest from its first step; -1 without labels."""
+        n = self.cfg.moved_object_slots
+        if not n:
+            return np.full(len(self.episodes), -1, np.int64)
+        flag = "--dataset-cfg.moved-object-slots"
+        key = self.spec.proprio_keys[-1] if self.spec.proprio_keys else None
+        size = self._key_vector(stores[0], key).shape[1] if key else 0
+        if not size or size % n:
+            raise UserError(f"{flag} {n}: the last low-dim key {key!r} has {size} values, "
+                            f"which do not split into {n} equal objects.")
+        dims = list(self.cfg.object_pos_dims) or list(range(size // n))
+        if max(dims) >= size // n or min(dims) < 0:
+            raise UserError(f"--dataset-cfg.object-pos-dims {dims}: an object slot has "
+                            f"{size // n} values.")
+        objects = proprio_raw[:, proprio_raw.shape[1] - size:].reshape(-1, n, size // n)
+        pos = objects[:, :, dims]  # (rows, n, d)
+        out = np.empty(len(self.episodes), np.int64)
+        for i, (row, length) in enumerate(zip(self._ep_row, self._ep_len, strict=True)):
+            p = pos[row: row + length]
+            out[i] = int(np.linalg.norm(p - p[:1], axis=-1).max(0).argmax())
+        return out
 
     def _delta_stats(self, proprio_raw: np.ndarray, action_raw: np.ndarray) -> dict:
         rows = np.concatenate(
@@ -607,6 +632,8 @@ class SequenceDataset(torch.utils.data.Dataset):
             "task": torch.from_numpy(self._task_index[ep]),
             "episode": torch.from_numpy(ep),
         }
+        if self.cfg.moved_object_slots:
+            item["moved_object"] = torch.from_numpy(self._moved[ep])
         if not self.shared.prompt:  # each trajectory occurrence attends only to itself
             item["context_id"] = torch.from_numpy(occ - occ[0])
         for key in self._frame_keys.values():

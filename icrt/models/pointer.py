@@ -19,7 +19,6 @@ object, so an object and a bin seen only in other pairings can still be combined
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icrt.errors import UserError
@@ -51,29 +50,26 @@ class ObjectPointer(nn.Module):
         x = torch.cat([objects, robot[:, None].expand(-1, n, -1)], dim=-1)
         return self.encode(x) + self.slot_emb
 
-    def forward(self, hidden: Tensor, proprio: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, proprio: Tensor, with_logits: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
         """(..., D) features at state tokens and (..., P) their steps' low-dim state ->
-        (..., D) features with the attended object added."""
+        (..., D) features with the attended object added (and, ``with_logits``, the
+        attention logits (N, heads, num_slots) over the flattened steps)."""
         lead = hidden.shape[:-1]
         h = hidden.reshape(-1, hidden.shape[-1]).to(self.q.weight.dtype)
         e = self.slots(proprio.reshape(-1, proprio.shape[-1]).to(h.dtype))  # (N, n, D)
         N, D = h.shape
-        H = self.num_heads
+        H, n = self.num_heads, self.num_slots
         q = self.q(self.norm(h)).view(N, H, 1, D // H)
-        k = self.k(e).view(N, self.num_slots, H, D // H).transpose(1, 2)
-        v = self.v(e).view(N, self.num_slots, H, D // H).transpose(1, 2)
-        r = F.scaled_dot_product_attention(q, k, v).reshape(N, D)
-        return (h + self.out(r)).reshape(*lead, D).to(hidden.dtype)
+        k = self.k(e).view(N, n, H, D // H).transpose(1, 2)  # (N, H, n, D/H)
+        v = self.v(e).view(N, n, H, D // H).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2))[:, :, 0] / (D // H) ** 0.5  # (N, H, n)
+        r = (logits.softmax(-1)[:, :, None] @ v).reshape(N, D)
+        out = (h + self.out(r)).reshape(*lead, D).to(hidden.dtype)
+        return (out, logits) if with_logits else out
 
     @torch.no_grad()
     def weights(self, hidden: Tensor, proprio: Tensor) -> Tensor:
         """(N, D), (N, P) -> (N, num_slots) attention over the objects, averaged over heads
         (what the pointer looks at; for diagnostics)."""
-        hidden = hidden.to(self.q.weight.dtype)
-        e = self.slots(proprio.to(hidden.dtype))
-        N, D = hidden.shape
-        H = self.num_heads
-        q = self.q(self.norm(hidden)).view(N, H, 1, D // H)
-        k = self.k(e).view(N, self.num_slots, H, D // H).transpose(1, 2)
-        att = (q @ k.transpose(-1, -2) / (D // H) ** 0.5).softmax(-1)  # (N, H, 1, n)
-        return att.mean(1)[:, 0]
+        return self(hidden, proprio, with_logits=True)[1].softmax(-1).mean(1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icrt.config import ModelConfig
@@ -155,7 +156,11 @@ class ICRTPolicy(nn.Module):
         tokens = self.interleave(self.mark_prompt(states, batch["prompt_mask"]),
                                  self.mark_prompt(actions, batch["prompt_mask"]))
         hidden = self.backbone(tokens, mask=self.attention_mask(batch))[:, 0::2]  # (B, T, D)
-        hidden = self.head_input(hidden, batch)
+        pointer_logits = None
+        if self.cfg.pointer_loss_weight:
+            hidden, pointer_logits = self.pointer(hidden, batch["proprio"], with_logits=True)
+        else:
+            hidden = self.head_input(hidden, batch)
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
         weight = torch.ones(B * T, device=hidden.device)
@@ -180,7 +185,25 @@ class ICRTPolicy(nn.Module):
         w = weight[keep]
         action_loss = (per_sample * w).sum() / w.sum()
         loss = self.cfg.scale_loss * self.cfg.loss_w_action * action_loss
-        return {"loss": loss, "action_loss": action_loss.detach(), "num_supervised": n}
+        out = {"action_loss": action_loss.detach(), "num_supervised": n}
+        if pointer_logits is not None:
+            pointer_loss = self._pointer_loss(pointer_logits, batch, keep)
+            loss = loss + self.cfg.scale_loss * self.cfg.pointer_loss_weight * pointer_loss
+            out["pointer_loss"] = pointer_loss.detach()
+        return {"loss": loss, **out}
+
+    def _pointer_loss(self, logits: Tensor, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
+        """Cross-entropy of every pointer head's attention (logits (B*T, H, n)) against the
+        object each supervised step's trajectory moves (``moved_object``, -1: unknown)."""
+        if "moved_object" not in batch:
+            raise UserError("--model-cfg.policy-cfg.pointer-loss-weight needs the moved-object "
+                            "labels of --dataset-cfg.moved-object-slots.")
+        label = batch["moved_object"].reshape(-1)
+        use = keep & (label >= 0)
+        if not use.any():
+            return logits.sum() * 0.0
+        H = logits.shape[1]
+        return F.cross_entropy(logits[use].flatten(0, 1), label[use].repeat_interleave(H))
 
     # ------------------------------------------------------------------ acting
 
