@@ -89,6 +89,10 @@ class DatasetConfig:
     moved_object_slots: int = 0
     # Which values of a slot are its position (robosuite's object key: 7 8 9); empty: all.
     object_pos_dims: tuple[int, ...] = ()
+    # Goal labels for --model-cfg.policy-cfg.goal-loss-weight: these values of the low-dim
+    # vector (the low-dim keys concatenated; robosuite's proprio key first: 0 1 2, the
+    # gripper's position) at a trajectory's last step are every step's goal.
+    goal_dims: tuple[int, ...] = ()
     # Leave out episodes shorter / longer than this many steps (ICRT used 30 and 450 for its
     # 15 Hz robot data; 0 / None: no filter).
     min_episode_length: int = 0
@@ -248,6 +252,10 @@ class PolicyConfig:
     # query step, at the object its trajectory moves (labels from
     # --dataset-cfg.moved-object-slots); 0: the pointer learns from the action loss alone.
     pointer_loss_weight: float = 0.0
+    # Weight of the goal loss: an L1 regression, from the backbone's feature at every
+    # supervised query step, of where the trajectory ends (--dataset-cfg.goal-dims), which at
+    # the first query steps only the prompt shows; 0: off.
+    goal_loss_weight: float = 0.0
     # Weight of the action loss.
     loss_w_action: float = 1.0
     # Multiplier of the total loss.
@@ -305,6 +313,7 @@ class PolicyConfig:
         _positive(self.head_num_layers, p + "head-num-layers", allow_zero=True)
         _positive(self.object_slots, p + "object-slots", allow_zero=True)
         _positive(self.pointer_loss_weight, p + "pointer-loss-weight", allow_zero=True)
+        _positive(self.goal_loss_weight, p + "goal-loss-weight", allow_zero=True)
         if self.pointer_loss_weight and not self.object_slots:
             raise ValueError(f"{p}pointer-loss-weight needs {p}object-slots.")
         _positive(self.flow_tolerance, p + "flow-tolerance")
@@ -697,6 +706,9 @@ class ExperimentConfig:
             raise ValueError(f"--model-cfg.policy-cfg.pointer-loss-weight needs labels of the "
                              f"same {slots} objects: add --dataset-cfg.moved-object-slots "
                              f"{slots}.")
+        if self.model_cfg.policy_cfg.goal_loss_weight and not self.dataset_cfg.goal_dims:
+            raise ValueError("--model-cfg.policy-cfg.goal-loss-weight needs goal labels: add "
+                             "--dataset-cfg.goal-dims (e.g. 0 1 2).")
 
 
 # --------------------------------------------------------------------------- serialisation

@@ -160,3 +160,27 @@ def test_moved_object_labels_and_pointer_loss(fetch, tmp_path):
     assert len(looked) > 100 and looked.mean() > 0.5
     log = (run / "log.txt").read_text()
     assert "train/pointer_loss" in log
+
+
+def test_goal_loss_predicts_where_the_trajectory_ends(fetch, tmp_path):
+    root, data, _ = fetch
+    args = ("--model-cfg.policy-cfg.goal-loss-weight", 1.0, "--trainer-cfg.epochs", 3)
+    with pytest.raises(SystemExit):  # no labels: one sentence
+        parse_config(tiny_args(data, tmp_path, *args))
+    cfg = parse_config(tiny_args(data, tmp_path, *args, "--dataset-cfg.goal-dims", 0, 1))
+    from icrt.data.sequence import SequenceDataset
+    ds = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg)
+    item = ds[0]
+    ends = item["episode_start"].nonzero()[:, 0].tolist() + [len(item["goal"])]
+    for a, b in zip(ends[:-1], ends[1:], strict=True):
+        assert (item["goal"][a:b] == item["goal"][a]).all()  # one goal per trajectory
+    run = train(cfg, progress=False)
+    model, _ = load_policy(run)
+    assert model.spec.goal_dims == (0, 1)
+    with torch.no_grad():
+        out = model({k: v[None] for k, v in item.items()})
+    assert torch.isfinite(out["goal_loss"])
+    assert "train/goal_loss" in (run / "log.txt").read_text()
+    with pytest.raises(UserError, match="low-dim vector has 8 values"):
+        SequenceDataset(parse_config(tiny_args(data, tmp_path, *args, "--dataset-cfg.goal-dims",
+                                               9)).dataset_cfg, cfg.shared_cfg)

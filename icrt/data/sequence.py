@@ -348,6 +348,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         proprio_raw = gather(spec.proprio_keys)
         action_raw = gather(spec.action_keys)
         self._moved = self._moved_objects(stores, proprio_raw)
+        bad = [d for d in self.cfg.goal_dims if not 0 <= d < proprio_raw.shape[1]]
+        if bad:
+            raise UserError(f"--dataset-cfg.goal-dims {bad}: the low-dim vector has "
+                            f"{proprio_raw.shape[1]} values.")
         # DAgger stores: steps the policy acted on stay in the context but carry no loss
         self._policy_step = np.concatenate([
             s.load(STEP_SOURCE).reshape(-1) == SOURCE_POLICY if STEP_SOURCE in s.keys
@@ -634,6 +638,10 @@ class SequenceDataset(torch.utils.data.Dataset):
         }
         if self.cfg.moved_object_slots:
             item["moved_object"] = torch.from_numpy(self._moved[ep])
+        if self.cfg.goal_dims:  # where each step's trajectory ends (normalised)
+            last = self._ep_row[ep] + self._ep_len[ep] - 1
+            item["goal"] = torch.from_numpy(
+                np.asarray(self._proprio[last][:, list(self.cfg.goal_dims)], np.float32))
         if not self.shared.prompt:  # each trajectory occurrence attends only to itself
             item["context_id"] = torch.from_numpy(occ - occ[0])
         for key in self._frame_keys.values():

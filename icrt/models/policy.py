@@ -60,6 +60,8 @@ class PolicySpec:
     window: int | None = None
     # False: trained without prompts (behaviour cloning, one trajectory per context)
     in_context: bool = True
+    # low-dim values whose final value the goal loss predicts (--dataset-cfg.goal-dims)
+    goal_dims: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,7 +69,7 @@ class PolicySpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PolicySpec:
         d = dict(d)
-        for name in ("camera_keys", "proprio_keys", "action_keys", "tasks"):
+        for name in ("camera_keys", "proprio_keys", "action_keys", "tasks", "goal_dims"):
             d[name] = tuple(d.get(name, ()))
         if d.get("image_shape") is not None:
             d["image_shape"] = tuple(d["image_shape"])
@@ -101,6 +103,11 @@ class ICRTPolicy(nn.Module):
             self.prompt_emb = nn.Parameter(torch.randn(d) * 0.02)
         self.head = build_head(cfg, d, spec.action_dim, spec.num_pred_steps)
         self.pointer = _object_pointer(cfg.object_slots, spec, d) if cfg.object_slots else None
+        if cfg.goal_loss_weight:
+            if not spec.goal_dims:
+                raise UserError("--model-cfg.policy-cfg.goal-loss-weight needs "
+                                "--dataset-cfg.goal-dims.")
+            self.goal_head = nn.Linear(d, len(spec.goal_dims))
 
     # ------------------------------------------------------------------ tokens
 
@@ -156,6 +163,7 @@ class ICRTPolicy(nn.Module):
         tokens = self.interleave(self.mark_prompt(states, batch["prompt_mask"]),
                                  self.mark_prompt(actions, batch["prompt_mask"]))
         hidden = self.backbone(tokens, mask=self.attention_mask(batch))[:, 0::2]  # (B, T, D)
+        backbone_hidden = hidden
         pointer_logits = None
         if self.cfg.pointer_loss_weight:
             hidden, pointer_logits = self.pointer(hidden, batch["proprio"], with_logits=True)
@@ -190,6 +198,14 @@ class ICRTPolicy(nn.Module):
             pointer_loss = self._pointer_loss(pointer_logits, batch, keep)
             loss = loss + self.cfg.scale_loss * self.cfg.pointer_loss_weight * pointer_loss
             out["pointer_loss"] = pointer_loss.detach()
+        if self.cfg.goal_loss_weight:
+            if "goal" not in batch:
+                raise UserError("--model-cfg.policy-cfg.goal-loss-weight needs the goal labels "
+                                "of --dataset-cfg.goal-dims.")
+            pred = self.goal_head(backbone_hidden.reshape(B * T, D)[keep])
+            goal_loss = (pred - batch["goal"].reshape(B * T, -1)[keep].to(pred.dtype)).abs().mean()
+            loss = loss + self.cfg.scale_loss * self.cfg.goal_loss_weight * goal_loss
+            out["goal_loss"] = goal_loss.detach()
         return {"loss": loss, **out}
 
     def _pointer_loss(self, logits: Tensor, batch: dict[str, Tensor], keep: Tensor) -> Tensor:

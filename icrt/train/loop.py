@@ -81,6 +81,7 @@ def policy_spec(ds: SequenceDataset, cfg: ExperimentConfig) -> PolicySpec:
         env=stores[0].env,
         window=cfg.shared_cfg.sliding_window,
         in_context=cfg.shared_cfg.prompt,
+        goal_dims=tuple(cfg.dataset_cfg.goal_dims),
     )
 
 
@@ -511,7 +512,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     params = [p for p in run.model.parameters() if p.requires_grad]
     # losses stay on the device until they are logged (no host sync per micro-batch)
     window_loss, window_n, t_window = torch.zeros((), device=device), 0, time.perf_counter()
-    window_pointer = torch.zeros((), device=device)
+    window_extra: dict[str, torch.Tensor] = {}  # auxiliary losses (pointer, goal)
     epoch_loss, epoch_n = 0.0, 0
     run.model.train()
     current_lr = run.lr
@@ -532,8 +533,9 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
             loss = out["loss"] / tcfg.accum_iter
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         window_loss += out["action_loss"].detach().float()
-        if "pointer_loss" in out:
-            window_pointer += out["pointer_loss"].detach().float()
+        for name in ("pointer_loss", "goal_loss"):
+            if name in out:
+                window_extra[name] = window_extra.get(name, 0.0) + out[name].detach().float()
         window_n += 1
         if not sync:
             continue
@@ -564,16 +566,15 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
             samples_s = window_n * scfg.batch_size * info.world_size / max(elapsed, 1e-9)
             metrics = {"train/loss": mean_loss, "train/lr": current_lr,
                        "train/grad_norm": float(norm), "train/samples_per_s": samples_s}
-            if "pointer_loss" in out:
-                metrics["train/pointer_loss"] = float(
-                    dist.all_reduce_mean((window_pointer / window_n).cpu()))
+            for name, total in window_extra.items():
+                metrics[f"train/{name}"] = float(dist.all_reduce_mean((total / window_n).cpu()))
             run.logger.log(run.step, metrics, epoch=epoch + (it + 1) / run.batches_per_epoch)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}",
                             samples_s=f"{samples_s:.1f}")
             epoch_loss += mean_loss * window_n
             epoch_n += window_n
             window_loss, window_n, t_window = torch.zeros((), device=device), 0, time.perf_counter()
-            window_pointer = torch.zeros((), device=device)
+            window_extra = {}
         finished = bool(tcfg.max_steps) and run.step >= tcfg.max_steps
         if end_of_epoch or finished:
             break
