@@ -119,11 +119,14 @@ icg: $(STAMP)
 	$(PY) scripts/train.py --dataset-cfg.dataset-json data/icg.json \
 	    --model-cfg.policy-cfg.scratch-llama-config config/model_config/mini.json \
 	    --shared-cfg.seq-length 384 --shared-cfg.num-pred-steps 4 --shared-cfg.batch-size 8 \
-	    --trainer-cfg.accum-iter 1 --trainer-cfg.max-steps 4000 --trainer-cfg.epochs 100 \
+	    --trainer-cfg.accum-iter 1 --trainer-cfg.max-steps 3000 --trainer-cfg.epochs 100 \
 	    --trainer-cfg.num-workers 0 --optimizer-cfg.lr 1e-3 --optimizer-cfg.warmup-epochs 1 \
 	    --dataset-cfg.non-overlapping 64 --shared-cfg.save-every-steps 500 \
 	    --model-cfg.policy-cfg.no-prompt-loss --model-cfg.policy-cfg.step-weight 5 \
-	    --dataset-cfg.num-weighted-steps 50 \
+	    --dataset-cfg.num-weighted-steps 50 --dataset-cfg.input-sensors proprio object \
+	    --model-cfg.policy-cfg.object-slots 4 --model-cfg.policy-cfg.pointer-loss-weight 1 \
+	    --dataset-cfg.moved-object-slots 4 --dataset-cfg.object-pos-dims 7 8 9 \
+	    --model-cfg.policy-cfg.goal-loss-weight 1 --dataset-cfg.goal-dims 0 1 2 \
 	    --logging-cfg.output-dir runs --logging-cfg.log-name icg --logging-cfg.no-wandb
 	$(PY) scripts/probe_prompt.py --checkpoint $(ICG_RUN) --dataset data/icg_heldout.json \
 	    --out $(ICG_RUN)/probe_heldout.json

@@ -45,6 +45,19 @@ def test_icg_training_store_is_collected_from_the_training_pairs_only():
     assert "icg_heldout" not in train_line
 
 
+def test_icg_training_flags_parse_into_the_documented_recipe():
+    from icrt.config import parse_config
+
+    text = MAKEFILE.read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if "scripts/train.py" in line
+                and "icg.json" in line)
+    cfg = parse_config(line.split("scripts/train.py", 1)[1].split())
+    assert cfg.dataset_cfg.input_sensors == ("proprio", "object")
+    assert cfg.model_cfg.policy_cfg.object_slots == cfg.dataset_cfg.moved_object_slots == 4
+    assert cfg.model_cfg.policy_cfg.pointer_loss_weight > 0
+    assert cfg.model_cfg.policy_cfg.goal_loss_weight > 0 and cfg.dataset_cfg.goal_dims
+
+
 def test_mwh_split_keeps_heldout_and_published_test_tasks_out_of_training():
     env_dict = pytest.importorskip("metaworld.env_dict")
     held, train = _make_list("MWH_HELDOUT"), _make_list("MWH_TRAIN")
