@@ -393,7 +393,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             return np.full(len(self.episodes), -1, np.int64)
         flag = "--dataset-cfg.moved-object-slots"
         key = self.spec.proprio_keys[-1] if self.spec.proprio_keys else None
-        size = self._key_vector(stores[0], key).shape[1] if key else 0
+        size = int(np.prod(stores[0].key_info(key)["shape"])) if key else 0
         if not size or size % n:
             raise UserError(f"{flag} {n}: the last low-dim key {key!r} has {size} values, "
                             f"which do not split into {n} equal objects.")

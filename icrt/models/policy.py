@@ -163,12 +163,9 @@ class ICRTPolicy(nn.Module):
         tokens = self.interleave(self.mark_prompt(states, batch["prompt_mask"]),
                                  self.mark_prompt(actions, batch["prompt_mask"]))
         hidden = self.backbone(tokens, mask=self.attention_mask(batch))[:, 0::2]  # (B, T, D)
-        backbone_hidden = hidden
-        pointer_logits = None
-        if self.cfg.pointer_loss_weight:
-            hidden, pointer_logits = self.pointer(hidden, batch["proprio"], with_logits=True)
-        else:
-            hidden = self.head_input(hidden, batch)
+        features, pointer_logits = hidden, None  # what the head reads
+        if self.pointer is not None:
+            features, pointer_logits = self.pointer(hidden, batch["proprio"], with_logits=True)
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
         weight = torch.ones(B * T, device=hidden.device)
@@ -186,7 +183,7 @@ class ICRTPolicy(nn.Module):
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return {"loss": zero, "action_loss": zero.detach(), "num_supervised": n}
         per_sample = self.head.loss(
-            hidden.reshape(B * T, D)[keep],
+            features.reshape(B * T, D)[keep],
             batch["action_chunk"].reshape(B * T, *batch["action_chunk"].shape[2:])[keep],
             mask[keep],
         )
@@ -194,7 +191,7 @@ class ICRTPolicy(nn.Module):
         action_loss = (per_sample * w).sum() / w.sum()
         loss = self.cfg.scale_loss * self.cfg.loss_w_action * action_loss
         out = {"action_loss": action_loss.detach(), "num_supervised": n}
-        if pointer_logits is not None:
+        if self.cfg.pointer_loss_weight:
             pointer_loss = self._pointer_loss(pointer_logits, batch, keep)
             loss = loss + self.cfg.scale_loss * self.cfg.pointer_loss_weight * pointer_loss
             out["pointer_loss"] = pointer_loss.detach()
@@ -202,7 +199,7 @@ class ICRTPolicy(nn.Module):
             if "goal" not in batch:
                 raise UserError("--model-cfg.policy-cfg.goal-loss-weight needs the goal labels "
                                 "of --dataset-cfg.goal-dims.")
-            pred = self.goal_head(backbone_hidden.reshape(B * T, D)[keep])
+            pred = self.goal_head(hidden.reshape(B * T, D)[keep])
             goal_loss = (pred - batch["goal"].reshape(B * T, -1)[keep].to(pred.dtype)).abs().mean()
             loss = loss + self.cfg.scale_loss * self.cfg.goal_loss_weight * goal_loss
             out["goal_loss"] = goal_loss.detach()
