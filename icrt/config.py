@@ -256,6 +256,10 @@ class PolicyConfig:
     # supervised query step, of where the trajectory ends (--dataset-cfg.goal-dims), which at
     # the first query steps only the prompt shows; 0: off.
     goal_loss_weight: float = 0.0
+    # Goal-conditioned head (needs the goal loss): the head also reads the step from the
+    # current position to where the trajectory ends; in training the recorded end, when
+    # acting the goal head's prediction, which only the prompt can inform.
+    goal_conditioned: bool = False
     # Weight of the action loss.
     loss_w_action: float = 1.0
     # Multiplier of the total loss.
@@ -316,6 +320,9 @@ class PolicyConfig:
         _positive(self.goal_loss_weight, p + "goal-loss-weight", allow_zero=True)
         if self.pointer_loss_weight and not self.object_slots:
             raise ValueError(f"{p}pointer-loss-weight needs {p}object-slots.")
+        if self.goal_conditioned and not self.goal_loss_weight:
+            raise ValueError(f"{p}goal-conditioned needs {p}goal-loss-weight (the goal head it "
+                             "reads when acting).")
         _positive(self.flow_tolerance, p + "flow-tolerance")
         _positive(self.cvae_kl_weight, p + "cvae-kl-weight", allow_zero=True)
         if self.lora_alpha is not None:

@@ -68,16 +68,11 @@ def test_pointer_is_built_from_the_last_low_dim_key(fetch):
     torch.testing.assert_close(model.head_input(h, {"proprio": proprio}), out)
 
 
-def test_acting_reads_the_pointer_as_training_does(fetch):
-    """Cached acting with the recorded actions fed back equals one teacher-forced forward
-    (the training computation, pointer included), step by step."""
-    root, _, run = fetch
-    store = EpisodeStore.open(root / "fetch.zarr")
-    demo, query = store.episode(0), store.episode(1)
+def assert_acting_is_teacher_forcing(run, demo, query, n: int = 12) -> InContextPolicy:
+    """Cached acting with the recorded actions fed back equals one teacher-forced forward."""
     policy = InContextPolicy.from_checkpoint(run, execution="open_loop", open_loop_steps=1)
     policy.prompt([demo])
     policy.reset()
-    n = 12
     forced, _ = policy.teacher_forced([demo], query, n)
     acted = []
     for t in range(n):
@@ -86,6 +81,16 @@ def test_acting_reads_the_pointer_as_training_does(fetch):
         policy.executed(query["action"][t])
     acted = policy.codec.encode_actions(np.asarray(acted))
     np.testing.assert_allclose(acted, forced, atol=1e-4)
+    return policy
+
+
+def test_acting_reads_the_pointer_as_training_does(fetch):
+    """Cached acting with the recorded actions fed back equals one teacher-forced forward
+    (the training computation, pointer included), step by step."""
+    root, _, run = fetch
+    store = EpisodeStore.open(root / "fetch.zarr")
+    demo, query = store.episode(0), store.episode(1)
+    policy = assert_acting_is_teacher_forcing(run, demo, query)
     # the batched policy reads each row's own objects
     batched = BatchedInContextPolicy.from_checkpoint(run, rows=2, execution="open_loop",
                                                      open_loop_steps=1)
@@ -184,3 +189,35 @@ def test_goal_loss_predicts_where_the_trajectory_ends(fetch, tmp_path):
     with pytest.raises(UserError, match="low-dim vector has 8 values"):
         SequenceDataset(parse_config(tiny_args(data, tmp_path, *args, "--dataset-cfg.goal-dims",
                                                9)).dataset_cfg, cfg.shared_cfg)
+
+
+def test_goal_conditioned_head(fetch, tmp_path):
+    """The head reads the step to the goal: the recorded end in training, the goal head's
+    prediction when acting; it starts at zero, so a goal-loss checkpoint loads unchanged."""
+    root, data, _ = fetch
+    goal = ("--model-cfg.policy-cfg.goal-loss-weight", 1.0, "--dataset-cfg.goal-dims", 0, 1,
+            "--model-cfg.policy-cfg.object-slots", NUM_OBJECTS, "--trainer-cfg.epochs", 1)
+    with pytest.raises(SystemExit):  # no goal head to read when acting: one sentence
+        parse_config(tiny_args(data, tmp_path, "--model-cfg.policy-cfg.goal-conditioned"))
+    base = train(parse_config(tiny_args(data, tmp_path / "base", *goal)), progress=False)
+    cfg = parse_config(tiny_args(data, tmp_path / "cond", *goal,
+                                 "--model-cfg.policy-cfg.goal-conditioned",
+                                 "--model-cfg.policy-cfg.pretrained-path", str(base)))
+    from icrt.models.policy import ICRTPolicy
+    from icrt.train.checkpoint import load_checkpoint_weights, read_checkpoint
+
+    old, _ = load_policy(base)
+    fresh = ICRTPolicy(cfg.model_cfg, old.spec)
+    load_checkpoint_weights(fresh, read_checkpoint(base))
+    h = torch.randn(2, 5, old.d_model)
+    obs = {"proprio": torch.randn(2, 5, old.spec.proprio_dim)}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.head_input(h, obs), old.head_input(h, obs))
+    run = train(cfg, progress=False)
+    model, _ = load_policy(run)
+    assert model.goal_in.weight.abs().sum() > 0
+    with torch.no_grad():  # the goal it is given changes what the head reads
+        near = model.head_input(h, obs, goal=obs["proprio"][..., :2])
+        assert not torch.allclose(near, model.head_input(h, obs, goal=obs["proprio"][..., :2] + 5))
+    store = EpisodeStore.open(root / "fetch.zarr")
+    assert_acting_is_teacher_forcing(run, store.episode(0), store.episode(1))

@@ -108,6 +108,10 @@ class ICRTPolicy(nn.Module):
                 raise UserError("--model-cfg.policy-cfg.goal-loss-weight needs "
                                 "--dataset-cfg.goal-dims.")
             self.goal_head = nn.Linear(d, len(spec.goal_dims))
+        if cfg.goal_conditioned:  # starts at zero: a checkpoint without it loads unchanged
+            self.goal_in = nn.Linear(len(spec.goal_dims), d)
+            nn.init.zeros_(self.goal_in.weight)
+            nn.init.zeros_(self.goal_in.bias)
 
     # ------------------------------------------------------------------ tokens
 
@@ -127,12 +131,18 @@ class ICRTPolicy(nn.Module):
             return tokens
         return tokens + prompt_mask[..., None].to(tokens.dtype) * self.prompt_emb
 
-    def head_input(self, hidden: Tensor, obs: dict[str, Tensor]) -> Tensor:
+    def head_input(self, hidden: Tensor, obs: dict[str, Tensor],
+                   goal: Tensor | None = None) -> Tensor:
         """Features (..., D) at state tokens -> what the head reads: the same, or with the
-        object pointer's read of those steps' objects (``obs["proprio"]`` (..., P))."""
-        if self.pointer is None:
-            return hidden
-        return self.pointer(hidden, obs["proprio"])
+        object pointer's read of those steps' objects (``obs["proprio"]`` (..., P)), and with
+        a goal-conditioned head the step to ``goal`` (normalised goal dims; default: the goal
+        head's prediction)."""
+        features = hidden if self.pointer is None else self.pointer(hidden, obs["proprio"])
+        if not self.cfg.goal_conditioned:
+            return features
+        if goal is None:
+            goal = self.goal_head(hidden)
+        return features + self.goal_in(goal - obs["proprio"][..., list(self.spec.goal_dims)])
 
     @staticmethod
     def interleave(states: Tensor, actions: Tensor) -> Tensor:
@@ -166,6 +176,12 @@ class ICRTPolicy(nn.Module):
         features, pointer_logits = hidden, None  # what the head reads
         if self.pointer is not None:
             features, pointer_logits = self.pointer(hidden, batch["proprio"], with_logits=True)
+        if self.cfg.goal_conditioned:  # the recorded end in training (teacher forcing)
+            if "goal" not in batch:
+                raise UserError("--model-cfg.policy-cfg.goal-conditioned needs the goal labels "
+                                "of --dataset-cfg.goal-dims.")
+            here = batch["proprio"][..., list(self.spec.goal_dims)]
+            features = features + self.goal_in(batch["goal"].to(here.dtype) - here)
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
         weight = torch.ones(B * T, device=hidden.device)

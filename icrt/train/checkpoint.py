@@ -360,10 +360,11 @@ def _canonical(key: str) -> str:
 
 
 def _new_in_finetune(model: ICRTPolicy, key: str) -> bool:
-    """Whether ``key`` is one of what the finetune phase adds to a backbone (LoRA adapters,
-    ICRT's biases), which start at zero."""
-    return "lora_" in key or (model.cfg.phase == "finetune" and key.startswith("backbone.")
-                              and key.endswith(".bias"))
+    """Whether ``key`` is one of the weights that start at zero, so a checkpoint saved without
+    them computes the same: what the finetune phase adds to a backbone (LoRA adapters, ICRT's
+    biases) and the goal-conditioned head's input."""
+    return "lora_" in key or key.startswith("goal_in.") or (
+        model.cfg.phase == "finetune" and key.startswith("backbone.") and key.endswith(".bias"))
 
 
 def load_checkpoint_weights(model: ICRTPolicy, ckpt: Checkpoint) -> None:
