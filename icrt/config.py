@@ -260,6 +260,11 @@ class PolicyConfig:
     # current position to where the trajectory ends; in training the recorded end, when
     # acting the goal head's prediction, which only the prompt can inform.
     goal_conditioned: bool = False
+    # Factored head (needs the object pointer): the head reads only the object the pointer
+    # fetched (with the robot's own state) and, with goal-conditioned, the step to the goal,
+    # not the backbone's feature itself, so the prompt reaches the actions only as which
+    # object and where to, and a task memorised in the feature cannot override it.
+    factored_head: bool = False
     # Weight of the action loss.
     loss_w_action: float = 1.0
     # Multiplier of the total loss.
@@ -320,6 +325,8 @@ class PolicyConfig:
         _positive(self.goal_loss_weight, p + "goal-loss-weight", allow_zero=True)
         if self.pointer_loss_weight and not self.object_slots:
             raise ValueError(f"{p}pointer-loss-weight needs {p}object-slots.")
+        if self.factored_head and not self.object_slots:
+            raise ValueError(f"{p}factored-head needs {p}object-slots (the object it reads).")
         if self.goal_conditioned and not self.goal_loss_weight:
             raise ValueError(f"{p}goal-conditioned needs {p}goal-loss-weight (the goal head it "
                              "reads when acting).")

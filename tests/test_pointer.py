@@ -221,3 +221,22 @@ def test_goal_conditioned_head(fetch, tmp_path):
         assert not torch.allclose(near, model.head_input(h, obs, goal=obs["proprio"][..., :2] + 5))
     store = EpisodeStore.open(root / "fetch.zarr")
     assert_acting_is_teacher_forcing(run, store.episode(0), store.episode(1))
+
+
+def test_factored_head_reads_the_backbone_only_through_the_pointer(fetch, tmp_path):
+    root, data, _ = fetch
+    with pytest.raises(SystemExit):  # nothing to read without the pointer: one sentence
+        parse_config(tiny_args(data, tmp_path, "--model-cfg.policy-cfg.factored-head"))
+    run = train(parse_config(tiny_args(
+        data, tmp_path / "run", "--model-cfg.policy-cfg.object-slots", NUM_OBJECTS,
+        "--model-cfg.policy-cfg.factored-head", "--trainer-cfg.epochs", 1)), progress=False)
+    model, _ = load_policy(run)
+    assert not model.pointer.residual
+    obs = {"proprio": torch.randn(2, 5, model.spec.proprio_dim)}
+    h, other = torch.randn(2, 2, 5, model.d_model)
+    with torch.no_grad():
+        assert not torch.allclose(model.head_input(h, obs), model.head_input(other, obs))
+        model.pointer.q.weight.zero_()  # attention no longer depends on the feature ...
+        torch.testing.assert_close(model.head_input(h, obs), model.head_input(other, obs))
+    store = EpisodeStore.open(root / "fetch.zarr")  # ... which reaches the head no other way
+    assert_acting_is_teacher_forcing(run, store.episode(0), store.episode(1))

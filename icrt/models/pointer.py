@@ -26,13 +26,14 @@ from icrt.errors import UserError
 
 class ObjectPointer(nn.Module):
     def __init__(self, num_slots: int, slot_dim: int, robot_dim: int, d_model: int,
-                 num_heads: int = 4, hidden: int = 128):
+                 num_heads: int = 4, hidden: int = 128, residual: bool = True):
         super().__init__()
         if d_model % num_heads:
             raise UserError(f"the object pointer needs a backbone width divisible by "
                             f"{num_heads} heads (got {d_model}).")
         self.num_slots, self.slot_dim, self.robot_dim = num_slots, slot_dim, robot_dim
         self.num_heads = num_heads
+        self.residual = residual  # False: return only the attended object, not the feature too
         self.encode = nn.Sequential(nn.Linear(slot_dim + robot_dim, hidden), nn.GELU(),
                                     nn.Linear(hidden, d_model))
         self.slot_emb = nn.Parameter(torch.randn(num_slots, d_model) * 0.02)
@@ -53,7 +54,8 @@ class ObjectPointer(nn.Module):
     def forward(self, hidden: Tensor, proprio: Tensor, with_logits: bool = False
                 ) -> Tensor | tuple[Tensor, Tensor]:
         """(..., D) features at state tokens and (..., P) their steps' low-dim state ->
-        (..., D) features with the attended object added (and, ``with_logits``, the
+        (..., D) features with the attended object added (without ``residual``: the attended
+        object alone) (and, ``with_logits``, the
         attention logits (N, heads, num_slots) over the flattened steps)."""
         lead = hidden.shape[:-1]
         h = hidden.reshape(-1, hidden.shape[-1]).to(self.q.weight.dtype)
@@ -65,7 +67,8 @@ class ObjectPointer(nn.Module):
         v = self.v(e).view(N, n, H, D // H).transpose(1, 2)
         logits = (q @ k.transpose(-1, -2))[:, :, 0] / (D // H) ** 0.5  # (N, H, n)
         r = (logits.softmax(-1)[:, :, None] @ v).reshape(N, D)
-        out = (h + self.out(r)).reshape(*lead, D).to(hidden.dtype)
+        out = self.out(r) + h if self.residual else self.out(r)
+        out = out.reshape(*lead, D).to(hidden.dtype)
         return (out, logits) if with_logits else out
 
     @torch.no_grad()

@@ -102,7 +102,8 @@ class ICRTPolicy(nn.Module):
         if cfg.prompt_pos_emb:
             self.prompt_emb = nn.Parameter(torch.randn(d) * 0.02)
         self.head = build_head(cfg, d, spec.action_dim, spec.num_pred_steps)
-        self.pointer = _object_pointer(cfg.object_slots, spec, d) if cfg.object_slots else None
+        self.pointer = (_object_pointer(cfg.object_slots, spec, d, cfg.factored_head)
+                        if cfg.object_slots else None)
         if cfg.goal_loss_weight:
             if not spec.goal_dims:
                 raise UserError("--model-cfg.policy-cfg.goal-loss-weight needs "
@@ -261,7 +262,8 @@ class ICRTPolicy(nn.Module):
         ]
 
 
-def _object_pointer(num_slots: int, spec: PolicySpec, d: int) -> ObjectPointer:
+def _object_pointer(num_slots: int, spec: PolicySpec, d: int,
+                    factored: bool = False) -> ObjectPointer:
     """The pointer over the last low-dim key's ``num_slots`` objects (one sentence when the
     data cannot be split that way)."""
     flag = "--model-cfg.policy-cfg.object-slots"
@@ -278,4 +280,5 @@ def _object_pointer(num_slots: int, spec: PolicySpec, d: int) -> ObjectPointer:
     if size % num_slots or size > spec.proprio_dim:
         raise UserError(f"{flag} {num_slots}: the last low-dim key {key!r} has {size} values, "
                         f"which do not split into {num_slots} equal objects.")
-    return ObjectPointer(num_slots, size // num_slots, spec.proprio_dim - size, d)
+    return ObjectPointer(num_slots, size // num_slots, spec.proprio_dim - size, d,
+                         residual=not factored)
