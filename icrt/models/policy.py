@@ -141,9 +141,14 @@ class ICRTPolicy(nn.Module):
         features = hidden if self.pointer is None else self.pointer(hidden, obs["proprio"])
         if not self.cfg.goal_conditioned:
             return features
-        if goal is None:
-            goal = self.goal_head(hidden)
-        return features + self.goal_in(goal - obs["proprio"][..., list(self.spec.goal_dims)])
+        return self._add_goal_step(features, obs["proprio"],
+                                   self.goal_head(hidden) if goal is None else goal)
+
+    def _add_goal_step(self, features: Tensor, proprio: Tensor, goal: Tensor) -> Tensor:
+        """The goal-conditioned head's input: ``features`` plus the embedded step from the
+        current position (``proprio``'s goal dims) to ``goal``, all normalised."""
+        here = proprio[..., list(self.spec.goal_dims)]
+        return features + self.goal_in(goal.to(here.dtype) - here)
 
     @staticmethod
     def interleave(states: Tensor, actions: Tensor) -> Tensor:
@@ -181,8 +186,7 @@ class ICRTPolicy(nn.Module):
             if "goal" not in batch:
                 raise UserError("--model-cfg.policy-cfg.goal-conditioned needs the goal labels "
                                 "of --dataset-cfg.goal-dims.")
-            here = batch["proprio"][..., list(self.spec.goal_dims)]
-            features = features + self.goal_in(batch["goal"].to(here.dtype) - here)
+            features = self._add_goal_step(features, batch["proprio"], batch["goal"])
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
         weight = torch.ones(B * T, device=hidden.device)
