@@ -182,10 +182,10 @@ class ICRTPolicy(nn.Module):
         features, pointer_logits = hidden, None  # what the head reads
         if self.pointer is not None:
             features, pointer_logits = self.pointer(hidden, batch["proprio"], with_logits=True)
+        if self.cfg.goal_loss_weight and "goal" not in batch:  # also what goal-conditioned needs
+            raise UserError("--model-cfg.policy-cfg.goal-loss-weight needs the goal labels of "
+                            "--dataset-cfg.goal-dims.")
         if self.cfg.goal_conditioned:  # the recorded end in training (teacher forcing)
-            if "goal" not in batch:
-                raise UserError("--model-cfg.policy-cfg.goal-conditioned needs the goal labels "
-                                "of --dataset-cfg.goal-dims.")
             features = self._add_goal_step(features, batch["proprio"], batch["goal"])
         B, T, D = hidden.shape
         mask = batch["action_mask"].reshape(B * T, -1)  # (BT, K)
@@ -217,9 +217,6 @@ class ICRTPolicy(nn.Module):
             loss = loss + self.cfg.scale_loss * self.cfg.pointer_loss_weight * pointer_loss
             out["pointer_loss"] = pointer_loss.detach()
         if self.cfg.goal_loss_weight:
-            if "goal" not in batch:
-                raise UserError("--model-cfg.policy-cfg.goal-loss-weight needs the goal labels "
-                                "of --dataset-cfg.goal-dims.")
             pred = self.goal_head(hidden.reshape(B * T, D)[keep])
             goal_loss = (pred - batch["goal"].reshape(B * T, -1)[keep].to(pred.dtype)).abs().mean()
             loss = loss + self.cfg.scale_loss * self.cfg.goal_loss_weight * goal_loss

@@ -359,7 +359,7 @@ def _canonical(key: str) -> str:
     return key.replace(".base_layer", "")
 
 
-def _new_in_finetune(model: ICRTPolicy, key: str) -> bool:
+def _starts_at_zero(model: ICRTPolicy, key: str) -> bool:
     """Whether ``key`` is one of the weights that start at zero, so a checkpoint saved without
     them computes the same: what the finetune phase adds to a backbone (LoRA adapters, ICRT's
     biases) and the goal-conditioned head's input."""
@@ -379,7 +379,7 @@ def load_checkpoint_weights(model: ICRTPolicy, ckpt: Checkpoint) -> None:
         held = "LoRA adapters" if phase == "finetune" else "the modules"
         saved = {_canonical(k) for k in state}
         keys = [k for k in model.state_dict() if k.startswith("backbone.")
-                and _canonical(k) not in saved and not _new_in_finetune(model, k)]
+                and _canonical(k) not in saved and not _starts_at_zero(model, k)]
         if not lora_base_keys(model):
             raise UserError(
                 f"Checkpoint '{ckpt.path}' holds {held} trained around a frozen base model "
@@ -411,7 +411,7 @@ def load_weights(model: ICRTPolicy, state: dict[str, torch.Tensor], source: str,
     state = {canonical.get(_canonical(k), k): v for k, v in state.items()}
     unexpected = sorted(set(state) - set(own))
     missing = sorted(k for k in set(own) - set(state) - set(optional)
-                     if not _new_in_finetune(model, k))
+                     if not _starts_at_zero(model, k))
     if unexpected or missing:
         raise UserError(
             f"Weights in '{source}' do not fit this policy: missing {missing[:3]}, unexpected "
